@@ -1,0 +1,298 @@
+"""One validated run config: YAML file + `key=value` overrides + Flower's flat run_config.
+
+Every section is a dataclass whose `__post_init__` checks its own values and raises
+`ConfigError(field, value, allowed)`. Checks that need the model (stage sizes against the
+model's depth, target modules) happen in `devft.run.prepare`, still before any training.
+This module imports no torch, so the CLI can reject bad input fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from devft.errors import ConfigError
+from devft.methods import METHOD_NAMES
+
+
+def _check(cond: bool, field_name: str, value: object, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(field_name, value, allowed)
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m-instruct"
+    """Bundled model name, local directory of a HF model, or a hub id (org/name)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Storage dtype of the frozen base weights."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available, else cpu."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt; empty = all attention and MLP projections of the model family."""
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", self.r, "a positive integer")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "a positive number")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    name: str = "tasks"
+    """Bundled data set (tasks, sharegpt) or a path to a .json/.jsonl file of
+    instruction/input/output records (optional category)."""
+    max_seq_len: int = 256
+    heldout_fraction: float = 0.1
+    """Share of each category's rows kept out of training for held-out evaluation."""
+    eval_examples: int = 48
+    """Held-out examples the server scores every round (stratified over categories)."""
+    eval_batch_size: int = 16
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5
+    """Concentration of the Dirichlet split over categories (smaller = more skewed)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_seq_len >= 16, "data.max_seq_len", self.max_seq_len, "an integer >= 16")
+        _check(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction",
+               self.heldout_fraction, "a number in (0, 1)")
+        _check(self.eval_examples > 0, "data.eval_examples", self.eval_examples,
+               "a positive integer")
+        _check(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size,
+               "a positive integer")
+        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha,
+               "a positive number")
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 4
+    clients_per_round: int = 0
+    """Clients sampled each round; 0 = all."""
+    rounds: int = 12
+    """Total rounds; DevFT splits them over its stages unless devft.rounds_per_stage is set."""
+    runtime: Literal["inprocess", "simulation"] = "inprocess"
+    """inprocess: Flower Grid that calls the ClientApp directly (fast default);
+    simulation: Flower's Ray simulation runtime."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "federation.num_clients", self.num_clients,
+               "a positive integer")
+        _check(0 <= self.clients_per_round <= self.num_clients, "federation.clients_per_round",
+               self.clients_per_round, f"0 (all) up to federation.num_clients={self.num_clients}")
+        _check(self.rounds >= 1, "federation.rounds", self.rounds, "a positive integer")
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 3
+    """Optimizer steps each client runs per round."""
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables it."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """bf16 = torch.autocast to bfloat16 (LoRA weights stay fp32)."""
+    threads: int = 0
+    """torch intra-op threads; 0 = leave torch's default."""
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "a positive integer")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
+        _check(self.lr > 0, "train.lr", self.lr, "a positive number")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
+               "a number >= 0 (0 disables clipping)")
+        _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0")
+
+
+@dataclass
+class DevFTConfig:
+    stages: list[int] = field(default_factory=list)
+    """Layer count of each stage, strictly increasing and ending at the model's depth;
+    empty = num_stages stages doubling up to the depth (30 layers: 4, 8, 15, 30)."""
+    num_stages: int = 4
+    rounds_per_stage: list[int] = field(default_factory=list)
+    """Rounds of each stage (one number = every stage); empty = federation.rounds split evenly."""
+    beta: float = 0.1
+    """Fusion weight of the differences to the anchor layer (paper: 0.1 for 7B/8B)."""
+    similarity: Literal["hidden", "weights"] = "hidden"
+    """hidden: cosine of layers' output hidden states on a calibration batch;
+    weights: cosine of layers' flattened effective weights (base + LoRA), as the paper writes."""
+    laplacian: Literal["normalized", "unnormalized"] = "normalized"
+    """normalized: symmetric Laplacian, row-normalized eigenvectors (Ng-Jordan-Weiss);
+    unnormalized: D - W, as the paper writes."""
+    calibration_examples: int = 8
+    """Held-out examples the server runs through the model for `hidden` similarity."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_stages >= 1, "devft.num_stages", self.num_stages, "a positive integer")
+        _check(0.0 <= self.beta <= 1.0, "devft.beta", self.beta, "a number in [0, 1]")
+        _check(all(s >= 1 for s in self.stages), "devft.stages", self.stages,
+               "positive layer counts")
+        _check(all(b > a for a, b in zip(self.stages, self.stages[1:])), "devft.stages",
+               self.stages, "strictly increasing layer counts ending at the model's depth")
+        _check(all(r >= 1 for r in self.rounds_per_stage), "devft.rounds_per_stage",
+               self.rounds_per_stage, "positive integers")
+        _check(self.calibration_examples >= 1, "devft.calibration_examples",
+               self.calibration_examples, "a positive integer")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/latest"
+    progress: bool = True
+    """Show progress bars on rounds and local steps."""
+
+
+@dataclass
+class RunConfig:
+    method: str = "devft"
+    """Federated method; see `devft.methods.METHOD_NAMES`."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    devft: DevFTConfig = field(default_factory=DevFTConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHOD_NAMES, "method", self.method,
+               f"one of {', '.join(METHOD_NAMES)}")
+
+    # ---- conversions -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """A copy with dotted-key overrides, e.g. replace(**{"output.dir": "x"})."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return from_dict(data)
+
+    def to_run_config(self) -> dict[str, str]:
+        """Flower's flat `context.run_config` form."""
+        return {"config-json": json.dumps(self.to_dict())}
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (unknown keys are errors)."""
+    return _build(RunConfig, data, "")
+
+
+def from_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """Read Flower's flat run_config: `config-json`, or `config-file`, plus dotted overrides."""
+    data: dict[str, Any] = {}
+    if "config-json" in run_config:
+        data = json.loads(str(run_config["config-json"]))
+    elif "config-file" in run_config:
+        data = _read_yaml(Path(str(run_config["config-file"])))
+    for key, value in run_config.items():
+        if key not in ("config-json", "config-file"):
+            _set_dotted(data, key.replace("-", "_"), value)
+    return from_dict(data)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (None = all defaults) and apply `key=value` overrides."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", item, "key=value, e.g. federation.num_clients=8")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return from_dict(data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError("--config", str(path), "an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("--config", str(path), f"valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", str(path), "a YAML mapping of sections")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(key, value, f"'{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Recursively build dataclass `cls` from `data`, coercing and checking each field."""
+    name = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(name, data, "a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(prefix + unknown[0], data[unknown[0]],
+                          f"a known key of '{name}': {', '.join(fields)}")
+    kwargs = {key: _coerce(hints[key], value, prefix + key) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        _check(value in allowed, key, value, f"one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        _check(isinstance(value, list), key, value, f"a list of {item_tp.__name__}")
+        return [_coerce(item_tp, v, key) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"union field types are not supported in config: {key}")
+    if tp is bool:
+        _check(isinstance(value, bool), key, value, "true or false")
+        return value
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _check(ok, key, value, "an integer")
+        return value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, value, "a number")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, value,
+               "a string")
+        return str(value)
+    raise TypeError(f"unsupported config field type {tp} for {key}")

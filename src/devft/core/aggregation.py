@@ -1,0 +1,37 @@
+"""Aggregation rules for client LoRA updates (pure functions on state dicts)."""
+
+from __future__ import annotations
+
+import torch
+
+from devft.core.layerstate import StateDict
+
+
+def normalized_weights(weights: list[float]) -> list[float]:
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"aggregation weights must sum to a positive number, got {weights}")
+    return [float(w) / total for w in weights]
+
+
+def weighted_mean(states: list[StateDict], weights: list[float]) -> StateDict:
+    """Σ_k p_k · state_k per key with p_k = w_k / Σ w (FedAvg; computed in float32)."""
+    if not states:
+        raise ValueError("no client states to aggregate")
+    keys = set(states[0])
+    for i, state in enumerate(states[1:], start=1):
+        if set(state) != keys:
+            raise ValueError(f"client {i} sent keys that differ from client 0's")
+    p = normalized_weights(weights)
+    out: StateDict = {}
+    for key, first in states[0].items():
+        acc = torch.zeros_like(first, dtype=torch.float32)
+        for pk, state in zip(p, states):
+            acc.add_(state[key].float(), alpha=pk)
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def fedavg(states: list[StateDict], weights: list[float]) -> StateDict:
+    """FedIT's rule: weighted mean of A and of B, separately (inexact for the product B·A)."""
+    return weighted_mean(states, weights)

@@ -1,0 +1,87 @@
+"""LoRA through `peft`: attach, seeded init, and get/set the adapter as a state dict.
+
+The wire and storage format is PEFT's own state dict (`get_peft_model_state_dict` keys such as
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import PreTrainedModel
+
+from devft.config import LoraSettings
+from devft.core.layerstate import StateDict
+from devft.errors import ConfigError
+from devft.models.families import Family
+
+
+def target_modules(settings: LoraSettings, family: Family, model: nn.Module) -> list[str]:
+    """The configured targets (or the family default), checked against the model's modules."""
+    targets = list(settings.target_modules) or list(family.target_modules)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in present]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in family.layers(model)[0].named_modules()
+                         if n and not list(m.children())})
+        raise ConfigError("lora.target_modules", unknown,
+                          f"module names of this model, e.g. {', '.join(linear)}")
+    return targets
+
+
+def peft_config(settings: LoraSettings, family: Family, model: nn.Module) -> LoraConfig:
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=target_modules(settings, family, model),
+                      task_type="CAUSAL_LM", bias="none")
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings, family: Family) -> PeftModel:
+    """Wrap `model` (modified in place) with LoRA; base weights frozen."""
+    cfg = peft_config(settings, family, model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, cfg)
+    return peft_model
+
+
+def get_lora_state(model: PeftModel) -> StateDict:
+    """A detached float32 copy of the adapter tensors."""
+    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_lora_state(model: PeftModel, state: StateDict) -> None:
+    """Load adapter tensors; every key must exist in the model and every adapter tensor be set."""
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"LoRA state does not match the model: missing {missing[:3]}, "
+                         f"extra {extra[:3]} ({len(missing)} missing, {len(extra)} extra)")
+    result = set_peft_model_state_dict(model, state)
+    assert not result.unexpected_keys, result.unexpected_keys
+
+
+def seeded_lora_init(model: PeftModel, seed: int) -> StateDict:
+    """PEFT's default init (A ~ kaiming-uniform(a=√5), B = 0) from a private seeded generator.
+
+    Gives the same initial adapter for every method of a comparison, independent of the
+    global torch RNG.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in get_lora_state(model).items():
+        if ".lora_A." in key:
+            a = torch.empty_like(value)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+            state[key] = a
+        else:
+            state[key] = torch.zeros_like(value)
+    return state
+
+
+def lora_parameter_count(state: StateDict) -> int:
+    return sum(v.numel() for v in state.values())

@@ -1,0 +1,122 @@
+"""The stage submodel as a real HF model with one decoder layer per group.
+
+Built from the frozen base model without copying its tensors: module objects are new, but
+embeddings, final norm, LM head and every one-layer group's weights are the base's own
+(frozen) tensors; only multi-layer groups get new, fused weights. The config's layer count,
+per-layer config lists and each layer's cache index are updated, so forward, loss and
+`generate` work as on any HF model.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedModel
+
+from devft.config import LoraSettings
+from devft.core.fusion import FusionVariant, fuse_group, fusion_coefficients
+from devft.core.grouping import Groups
+from devft.models.families import Family, get_attr, set_attr
+from devft.models.lora import attach_lora
+from devft.models.loading import BaseModel
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a client needs to build a stage's submodel (sent in every train message)."""
+
+    stage: int
+    groups: tuple[tuple[int, ...], ...]
+    beta: float
+    fusion: str = "differential"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.groups)
+
+    def is_full(self, depth: int) -> bool:
+        return self.groups == tuple((i,) for i in range(depth))
+
+    @staticmethod
+    def full(depth: int, stage: int = 0) -> StagePlan:
+        return StagePlan(stage, tuple((i,) for i in range(depth)), 0.0)
+
+    def group_lists(self) -> Groups:
+        return [list(g) for g in self.groups]
+
+
+def _shared_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module:
+    """Deep copy of the module structure whose tensors are the original's (not copied)."""
+    return copy.deepcopy(module, memo=dict(shared))
+
+
+def build_submodel(model: PreTrainedModel, family: Family, groups: Groups, beta: float,
+                   fusion: FusionVariant = "differential") -> PreTrainedModel:
+    """An L_s-layer model: layer n is group n's fusion (or the layer itself if |g| = 1)."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    layers = family.layers(model)
+    new_layers = []
+    for n, group in enumerate(groups):
+        layer = _shared_copy(layers[group[0]], shared)
+        if len(group) > 1:
+            states = [dict(layers[i].named_parameters()) for i in group]
+            fused = fuse_group(states, fusion_coefficients(len(group), beta, fusion))
+            for name, tensor in fused.items():
+                set_attr(layer, name, nn.Parameter(tensor, requires_grad=False))
+        for attr in family.layer_index_attrs:
+            set_attr(layer, attr, n)
+        new_layers.append(layer)
+    # copy everything but the layer list (temporarily detached so it is not copied)
+    set_attr(model, family.layers_path, nn.ModuleList())
+    try:
+        sub = _shared_copy(model, shared)
+    finally:
+        set_attr(model, family.layers_path, layers)
+    set_attr(sub, family.layers_path, nn.ModuleList(new_layers))
+    sub.config = copy.deepcopy(model.config)
+    setattr(sub.config, family.num_layers_attr, len(groups))
+    for name in family.per_layer_config:
+        values = getattr(sub.config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == len(layers):
+            setattr(sub.config, name, [values[g[0]] for g in groups])
+    sub.requires_grad_(False)
+    return sub
+
+
+@functools.lru_cache(maxsize=3)
+def _cached_stage_model(base_key: tuple, plan: StagePlan, lora_key: tuple) -> PeftModel:
+    base = _BASES[base_key]
+    r, alpha, dropout, targets = lora_key
+    settings = LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets))
+    sub = build_submodel(base.model, base.family, plan.group_lists(), plan.beta, plan.fusion)
+    return attach_lora(sub, settings, base.family)
+
+
+_BASES: dict[tuple, BaseModel] = {}
+
+
+def stage_model(base: BaseModel, plan: StagePlan, settings: LoraSettings) -> PeftModel:
+    """The LoRA-wrapped submodel of `plan`, built once and reused (its LoRA is reloaded per use)."""
+    base_key = (base.path, str(base.device), str(next(base.model.parameters()).dtype))
+    _BASES[base_key] = base
+    lora_key = (settings.r, settings.alpha, settings.dropout, tuple(settings.target_modules))
+    return _cached_stage_model(base_key, plan, lora_key)
+
+
+def layer_count(model: nn.Module, family: Family) -> int:
+    return len(get_attr(model, family.layers_path))
+
+
+def frozen_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct frozen tensors a client holds for this model."""
+    seen: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            seen.setdefault(p.data_ptr(), p)
+    return sum(t.numel() * t.element_size() for t in seen.values())

@@ -1,0 +1,64 @@
+"""Tiny random-weight models and a byte-level tokenizer, built offline for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 258-token byte-level tokenizer with a ChatML chat template (pad = eos = <|im_end|>)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   chat_template=CHATML)
+
+
+def tiny_config(family: str = "llama", num_layers: int = 4, vocab_size: int = 258):
+    """Config of a tiny decoder of the given family (hidden 16)."""
+    ids = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 257}
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=num_layers, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=True, **ids)
+    if family == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=num_layers, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, **ids)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=num_layers, n_head=4,
+                          n_positions=512, **ids)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                             num_hidden_layers=num_layers, num_attention_heads=4,
+                             max_position_embeddings=512, **ids)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", num_layers: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family, num_layers)).eval()
+
+
+def save_tiny_model(path: Path, family: str = "llama", num_layers: int = 4, seed: int = 0) -> Path:
+    """Write a tiny model + byte tokenizer to `path` (a loadable HF directory)."""
+    tiny_model(family, num_layers, seed).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
