@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny import byte_tokenizer, save_tiny_model, tiny_model
 
 torch.set_num_threads(1)  # tiny models: thread start-up dominates on 2-core machines

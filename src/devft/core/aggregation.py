@@ -8,6 +8,8 @@ from devft.core.layerstate import StateDict
 
 
 def normalized_weights(weights: list[float]) -> list[float]:
+    if any(w < 0 for w in weights):
+        raise ValueError(f"aggregation weights must be >= 0 (not negative), got {weights}")
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"aggregation weights must sum to a positive number, got {weights}")
@@ -15,9 +17,12 @@ def normalized_weights(weights: list[float]) -> list[float]:
 
 
 def weighted_mean(states: list[StateDict], weights: list[float]) -> StateDict:
-    """Σ_k p_k · state_k per key with p_k = w_k / Σ w (FedAvg; computed in float32)."""
+    """Σ_k p_k · state_k per key with p_k = w_k / Σ w (FedAvg; computed in float32, or in
+    float64 for float64 tensors)."""
     if not states:
         raise ValueError("no client states to aggregate")
+    if len(weights) != len(states):
+        raise ValueError(f"got {len(weights)} aggregation weights for {len(states)} client states")
     keys = set(states[0])
     for i, state in enumerate(states[1:], start=1):
         if set(state) != keys:
@@ -25,9 +30,10 @@ def weighted_mean(states: list[StateDict], weights: list[float]) -> StateDict:
     p = normalized_weights(weights)
     out: StateDict = {}
     for key, first in states[0].items():
-        acc = torch.zeros_like(first, dtype=torch.float32)
+        compute = torch.promote_types(first.dtype, torch.float32)
+        acc = torch.zeros_like(first, dtype=compute)
         for pk, state in zip(p, states):
-            acc.add_(state[key].float(), alpha=pk)
+            acc.add_(state[key].to(compute), alpha=pk)
         out[key] = acc.to(first.dtype)
     return out
 

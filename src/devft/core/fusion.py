@@ -37,16 +37,23 @@ def fusion_coefficients(group_size: int, beta: float,
 
 
 def fuse_group(states: list[StateDict], coefficients: list[float]) -> StateDict:
-    """Σ_i c_i · states[i], per key, computed in float32 and cast back to each tensor's dtype."""
+    """Σ_i c_i · states[i], per key, cast back to each tensor's dtype.
+
+    Computed in float32 (float64 tensors in float64, so a one-layer group stays exact);
+    non-float tensors are copied from the first (anchor) state.
+    """
+    if len(coefficients) != len(states):
+        raise ValueError(f"got {len(coefficients)} fusion coefficients for {len(states)} layers")
     out: StateDict = {}
     for key, first in states[0].items():
         if not first.is_floating_point():
             out[key] = first.clone()
             continue
-        acc = torch.zeros_like(first, dtype=torch.float32)
+        compute = torch.promote_types(first.dtype, torch.float32)
+        acc = torch.zeros_like(first, dtype=compute)
         for coeff, state in zip(coefficients, states):
             if coeff != 0.0:
-                acc.add_(state[key].float(), alpha=coeff)
+                acc.add_(state[key].to(compute), alpha=coeff)
         out[key] = acc.to(first.dtype)
     return out
 

@@ -51,6 +51,8 @@ def build_schedule(
             `total_rounds` evenly.
         total_rounds: federation.rounds.
     """
+    if not stages and num_stages < 1:
+        raise ConfigError("devft.num_stages", num_stages, "a positive integer")
     counts = list(stages) or doubling_stages(num_layers, num_stages)
     allowed = f"strictly increasing layer counts ending at the model's depth ({num_layers})"
     if any(c > num_layers for c in counts):

@@ -10,8 +10,13 @@ import math
 import warnings
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from torch import nn
 from transformers import PreTrainedModel
 

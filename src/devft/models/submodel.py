@@ -23,8 +23,8 @@ from devft.config import LoraSettings
 from devft.core.fusion import FusionVariant, fuse_group, fusion_coefficients
 from devft.core.grouping import Groups
 from devft.models.families import Family, get_attr, set_attr
-from devft.models.lora import attach_lora
 from devft.models.loading import BaseModel
+from devft.models.lora import attach_lora
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,12 @@ def build_submodel(model: PreTrainedModel, family: Family, groups: Groups, beta:
 
 
 @functools.lru_cache(maxsize=3)
-def _cached_stage_model(base_key: tuple, plan: StagePlan, lora_key: tuple) -> PeftModel:
+def _cached_stage_model(base_key: tuple, groups: tuple, beta: float, fusion: str,
+                        lora_key: tuple) -> PeftModel:
     base = _BASES[base_key]
     r, alpha, dropout, targets = lora_key
     settings = LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets))
-    sub = build_submodel(base.model, base.family, plan.group_lists(), plan.beta, plan.fusion)
+    sub = build_submodel(base.model, base.family, [list(g) for g in groups], beta, fusion)
     return attach_lora(sub, settings, base.family)
 
 
@@ -102,11 +103,16 @@ _BASES: dict[tuple, BaseModel] = {}
 
 
 def stage_model(base: BaseModel, plan: StagePlan, settings: LoraSettings) -> PeftModel:
-    """The LoRA-wrapped submodel of `plan`, built once and reused (its LoRA is reloaded per use)."""
+    """The LoRA-wrapped submodel of `plan`, built once per process and reused.
+
+    Callers load the adapter they need with `set_lora_state` before each use.
+    """
     base_key = (base.path, str(base.device), str(next(base.model.parameters()).dtype))
     _BASES[base_key] = base
     lora_key = (settings.r, settings.alpha, settings.dropout, tuple(settings.target_modules))
-    return _cached_stage_model(base_key, plan, lora_key)
+    fused = any(len(g) > 1 for g in plan.groups)
+    beta, fusion = (plan.beta, plan.fusion) if fused else (0.0, "differential")
+    return _cached_stage_model(base_key, plan.groups, beta, fusion, lora_key)
 
 
 def layer_count(model: nn.Module, family: Family) -> int:

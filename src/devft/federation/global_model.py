@@ -1,0 +1,106 @@
+"""The server's global model: the full model's LoRA and the stage operations on it.
+
+Per stage: group the layers on the current global model, fuse each group's LoRA into the
+submodel's initial adapter (clients fuse the frozen base weights themselves from their own
+copy of the base model). Per round: transfer the aggregated submodel LoRA back to the full
+model and evaluate both. No flwr here; the strategy and ServerApp drive it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from devft.config import RunConfig
+from devft.core.fusion import fuse_layers
+from devft.core.grouping import Groups, format_groups, group_layers
+from devft.core.layerstate import StateDict, join_layers, split_by_layer
+from devft.core.schedule import Stage, build_schedule, full_model_schedule
+from devft.core.transfer import transfer_layers
+from devft.data import collate, encode, federated_data
+from devft.methods import get_method
+from devft.models.layer_similarity import hidden_similarity, weight_similarity
+from devft.models.loading import BaseModel, load_base_model
+from devft.models.lora import seeded_lora_init, set_lora_state
+from devft.models.submodel import StagePlan, stage_model
+from devft.training.evaluation import heldout_loss
+
+log = logging.getLogger(__name__)
+
+
+class GlobalModel:
+    """Full-model LoRA state plus grouping, fusion, transfer and evaluation for the server."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.method = get_method(cfg.method)
+        self.base: BaseModel = load_base_model(cfg.model)
+        self.depth = self.base.num_layers
+        self.prefix = self.base.family.lora_prefix()
+        self.data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
+        self.full = stage_model(self.base, StagePlan.full(self.depth), cfg.lora)
+        self.lora: StateDict = seeded_lora_init(self.full, cfg.seed)
+        tok, max_len, bs = self.base.tokenizer, cfg.data.max_seq_len, cfg.data.eval_batch_size
+        encoded = [encode(self.data.records[i], tok, max_len) for i in self.data.eval_indices]
+        self.eval_batches = [collate(encoded[i:i + bs], tok.pad_token_id)
+                             for i in range(0, len(encoded), bs)]
+        calib = self.data.calibration_indices(cfg.devft.calibration_examples)
+        self.calibration = collate([encode(self.data.records[i], tok, max_len) for i in calib],
+                                   tok.pad_token_id)
+
+    def schedule(self) -> list[Stage]:
+        if not self.method.staged:
+            return full_model_schedule(self.depth, self.cfg.federation.rounds)
+        d = self.cfg.devft
+        return build_schedule(self.depth, d.stages, d.num_stages, d.rounds_per_stage,
+                              self.cfg.federation.rounds)
+
+    # ---- stage operations ----------------------------------------------------------------
+    def similarity(self) -> torch.Tensor:
+        """(L, L) layer similarity of the current global model (config: devft.similarity)."""
+        set_lora_state(self.full, self.lora)
+        if self.cfg.devft.similarity == "weights":
+            return weight_similarity(self.full, self.base.family)
+        return hidden_similarity(self.full, self.base.family, self.calibration,
+                                 self.cfg.train.precision)
+
+    def group(self, k: int) -> Groups:
+        if k == self.depth:
+            return [[i] for i in range(self.depth)]
+        sim = self.similarity().numpy()
+        return group_layers(sim, k, self.cfg.devft.laplacian, seed=self.cfg.seed)
+
+    def plan_stage(self, stage: Stage) -> tuple[StagePlan, StateDict]:
+        """The stage's plan (groups, fusion) and its submodel's initial LoRA."""
+        groups = self.group(stage.num_layers)
+        plan = StagePlan(stage.index, tuple(tuple(g) for g in groups), self.cfg.devft.beta,
+                         self.method.fusion)
+        layers, rest = split_by_layer(self.lora, self.prefix)
+        fused = fuse_layers(layers, groups, plan.beta, plan.fusion)
+        log.info("stage %d: %d layers, groups %s", stage.index, stage.num_layers,
+                 format_groups(groups))
+        return plan, join_layers(fused, self.prefix, rest)
+
+    def absorb(self, plan: StagePlan, sub_lora: StateDict) -> None:
+        """Transfer the submodel's aggregated LoRA into the full model's global LoRA."""
+        layers, rest = split_by_layer(sub_lora, self.prefix)
+        self.lora = join_layers(transfer_layers(layers, plan.group_lists()), self.prefix, rest)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def eval_full(self) -> float:
+        """Held-out loss of the full model with the current global LoRA."""
+        set_lora_state(self.full, self.lora)
+        return heldout_loss(self.full, self.eval_batches, self.cfg.train.precision)
+
+    def eval_submodel(self, plan: StagePlan, sub_lora: StateDict) -> float:
+        """Held-out loss of the stage submodel itself with its aggregated LoRA."""
+        model = stage_model(self.base, plan, self.cfg.lora)
+        set_lora_state(model, sub_lora)
+        return heldout_loss(model, self.eval_batches, self.cfg.train.precision)
+
+    def save_adapter(self, path: Path) -> None:
+        """The full model's global LoRA in PEFT format (safetensors + adapter_config.json)."""
+        set_lora_state(self.full, self.lora)
+        self.full.save_pretrained(str(path), safe_serialization=True)

@@ -1,0 +1,1 @@
+"""Run outputs: per-round metrics, summaries, comparisons and plots."""

@@ -1,0 +1,106 @@
+"""Per-round metrics of a run, written as each round ends (metrics.jsonl), and its summary.
+
+Each line is flushed and fsynced when the round ends, so a crash at round k loses nothing
+before k. Wall time excludes the server's measurement-only evaluation (it is reported
+separately as eval_time_s) so methods are compared on the cost of training itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
+
+
+class RunRecorder:
+    def __init__(self, out_dir: Path, method: str, total_rounds: int, progress: bool) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / METRICS_FILE
+        self.path.write_text("")
+        self.method, self.total_rounds = method, total_rounds
+        self.records: list[dict[str, Any]] = []
+        self.stages: list[dict[str, Any]] = []
+        self.cum = {"bytes_down": 0, "bytes_up": 0, "client_flops": 0}
+        self.eval_time = 0.0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total_rounds, desc=f"{method} rounds", disable=not progress)
+
+    def wall_time(self) -> float:
+        """Seconds since the run started, minus measurement-only evaluation."""
+        return time.perf_counter() - self.start - self.eval_time
+
+    def timed_eval(self, fn, *args: Any) -> Any:
+        """Run an evaluation whose time is not charged to the method."""
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.eval_time += time.perf_counter() - t
+
+    def stage_started(self, stage: int, num_layers: int, rounds: int,
+                      groups: list[list[int]]) -> None:
+        self.stages.append({"stage": stage, "num_layers": num_layers, "rounds": rounds,
+                            "groups": groups})
+
+    def record_round(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Add cumulative counters and timing to `record` and append it to metrics.jsonl."""
+        for key in self.cum:
+            self.cum[key] += int(record.get(key, 0) or 0)
+            record[f"cum_{key}"] = self.cum[key]
+        record["cum_bytes"] = self.cum["bytes_down"] + self.cum["bytes_up"]
+        record["wall_time_s"] = round(self.wall_time(), 3)
+        record["eval_time_s"] = round(self.eval_time, 3)
+        record = {"method": self.method, **record}
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(_finite(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if record["round"] > 0:
+            self.bar.update(1)
+            self.bar.set_postfix(stage=record.get("stage"), loss=f"{record['eval_loss']:.3f}")
+        return record
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        self.bar.close()
+        last = self.records[-1]
+        summary = {
+            "method": self.method,
+            "rounds": last["round"],
+            "initial_eval_loss": self.records[0]["eval_loss"],
+            "final_eval_loss": last["eval_loss"],
+            "total_bytes_up": self.cum["bytes_up"],
+            "total_bytes_down": self.cum["bytes_down"],
+            "total_bytes": self.cum["bytes_up"] + self.cum["bytes_down"],
+            "total_client_flops": self.cum["client_flops"],
+            "wall_time_s": last["wall_time_s"],
+            "eval_time_s": round(self.eval_time, 3),
+            "stages": self.stages,
+            **extra,
+        }
+        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2) + "\n")
+        return summary
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    path = out_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""Local training, held-out evaluation and cost accounting (plain PyTorch loops)."""
