@@ -15,3 +15,9 @@ def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
     """(L, L) cosine similarities between the rows of `vectors` (L, P), computed in float64."""
     v = vectors.double()
     return cosine_from_gram(v @ v.T)
+
+
+def per_token_cosine(states: torch.Tensor) -> torch.Tensor:
+    """(L, L) mean over tokens of cos(h_i[t], h_j[t]), from per-layer states (L, N, d)."""
+    unit = torch.nn.functional.normalize(states.double(), dim=-1)  # (L, N, d)
+    return torch.einsum("ind,jnd->ij", unit, unit) / states.shape[1]

@@ -20,6 +20,7 @@ from devft.data.formatting import (
                                    Encoded,
                                    collate,
                                    encode,
+                                   length_sorted_batches,
                                    prompt_messages,
                                    prompt_text,
 )
@@ -40,7 +41,7 @@ from devft.data.tasks import (
 __all__ = [
     "BUNDLED_DATASETS", "IGNORE_INDEX", "MC_TASKS", "PARTITION_SCHEMES", "PLAIN_TEMPLATE",
     "TRAIN_TASKS", "UNSEEN_TASKS", "Encoded", "FederatedData", "MCItem", "Record", "collate",
-    "encode", "federated_data", "heldout_split", "load_records", "multiple_choice_items",
+    "encode", "federated_data", "length_sorted_batches", "heldout_split", "load_records", "multiple_choice_items",
     "partition_indices", "prompt_messages", "prompt_text", "sharegpt_records",
     "stratified_sample", "task_records", "unseen_task_records",
 ]

@@ -102,3 +102,11 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         attention[row, :n] = 1
         labels[row, :n] = torch.tensor(ex.labels, dtype=torch.int64)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def length_sorted_batches(examples: list[Encoded], batch_size: int,
+                          pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Collated batches of examples sorted by length (little padding; for evaluation)."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    return [collate(ordered[i:i + batch_size], pad_id)
+            for i in range(0, len(ordered), batch_size)]

@@ -19,7 +19,7 @@ from devft.core.grouping import Groups, format_groups, group_layers
 from devft.core.layerstate import StateDict, join_layers, split_by_layer
 from devft.core.schedule import Stage, build_schedule, full_model_schedule
 from devft.core.transfer import transfer_layers
-from devft.data import collate, encode, federated_data
+from devft.data import collate, encode, federated_data, length_sorted_batches
 from devft.methods import get_method
 from devft.models.layer_similarity import hidden_similarity, weight_similarity
 from devft.models.loading import BaseModel, load_base_model
@@ -44,8 +44,7 @@ class GlobalModel:
         self.lora: StateDict = seeded_lora_init(self.full, cfg.seed)
         tok, max_len, bs = self.base.tokenizer, cfg.data.max_seq_len, cfg.data.eval_batch_size
         encoded = [encode(self.data.records[i], tok, max_len) for i in self.data.eval_indices]
-        self.eval_batches = [collate(encoded[i:i + bs], tok.pad_token_id)
-                             for i in range(0, len(encoded), bs)]
+        self.eval_batches = length_sorted_batches(encoded, bs, tok.pad_token_id)
         calib = self.data.calibration_indices(cfg.devft.calibration_examples)
         self.calibration = collate([encode(self.data.records[i], tok, max_len) for i in calib],
                                    tok.pad_token_id)

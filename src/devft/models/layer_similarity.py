@@ -2,8 +2,11 @@
 
 - `weights`: cosine between layers' flattened effective weights W0 + (alpha/r)·B·A over the
   LoRA-targeted linear modules (the paper's description; norms excluded, devft_paper.md §7.1).
-- `hidden`: cosine between layers' output hidden states on a calibration batch (tokens of the
-  padded positions excluded); needs only text the server may see.
+- `hidden`: cosine between layers' output hidden states on a calibration batch, per token and
+  averaged over the batch's real (non-padding) tokens; needs only text the server may see.
+  Per-token rather than one flattened vector: a few "massive activation" tokens (e.g. the
+  first token, whose hidden state is orders of magnitude larger from early layers on) would
+  otherwise dominate every dot product and make most layers look identical.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from devft.core.similarity import cosine_from_gram, cosine_matrix
+from devft.core.similarity import cosine_from_gram, per_token_cosine
 from devft.models.families import Family
 
 
@@ -50,7 +53,7 @@ def hidden_similarity(model: PeftModel, family: Family, batch: dict[str, torch.T
     def hook(index: int):
         def capture(_module: nn.Module, _inputs: object, output: object) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            outputs[index] = hidden.detach().float()[mask].flatten().cpu()
+            outputs[index] = hidden.detach().float()[mask].cpu()  # (N, d) real tokens
         return capture
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -63,4 +66,4 @@ def hidden_similarity(model: PeftModel, family: Family, batch: dict[str, torch.T
     finally:
         for h in handles:
             h.remove()
-    return cosine_matrix(torch.stack(outputs))
+    return per_token_cosine(torch.stack(outputs))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from devft.config import LoraSettings
 from devft.core.fusion import FusionVariant, fuse_group, fusion_coefficients
@@ -59,8 +59,13 @@ def _shared_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module:
 def build_submodel(model: PreTrainedModel, family: Family, groups: Groups, beta: float,
                    fusion: FusionVariant = "differential") -> PreTrainedModel:
     """An L_s-layer model: layer n is group n's fusion (or the layer itself if |g| = 1)."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     layers = family.layers(model)
+    config = _sub_config(model.config, family, groups, len(layers))
+    shared: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(),
+                                                                  model.buffers())}
+    # every module that holds the base config (the inner decoder reads its own `config` for
+    # the layer count and per-layer attention types) gets the submodel's config instead
+    shared[id(model.config)] = config
     new_layers = []
     for n, group in enumerate(groups):
         layer = _shared_copy(layers[group[0]], shared)
@@ -79,14 +84,21 @@ def build_submodel(model: PreTrainedModel, family: Family, groups: Groups, beta:
     finally:
         set_attr(model, family.layers_path, layers)
     set_attr(sub, family.layers_path, nn.ModuleList(new_layers))
-    sub.config = copy.deepcopy(model.config)
-    setattr(sub.config, family.num_layers_attr, len(groups))
-    for name in family.per_layer_config:
-        values = getattr(sub.config, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == len(layers):
-            setattr(sub.config, name, [values[g[0]] for g in groups])
+    sub.config = config
     sub.requires_grad_(False)
     return sub
+
+
+def _sub_config(base_config: PreTrainedConfig, family: Family, groups: Groups,
+                depth: int) -> PreTrainedConfig:
+    """The base config with the submodel's layer count and per-layer lists (anchor's entry)."""
+    config = copy.deepcopy(base_config)
+    setattr(config, family.num_layers_attr, len(groups))
+    for name in family.per_layer_config:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == depth:
+            setattr(config, name, [values[g[0]] for g in groups])
+    return config
 
 
 @functools.lru_cache(maxsize=3)

@@ -1,0 +1,67 @@
+"""Cost accounting: hand-computed FLOPs estimates and the peak-memory monitor."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from devft.training.accounting import (
+    PeakMemory,
+    attention_flops,
+    estimate_train_flops,
+    lora_params,
+    matmul_params,
+)
+
+
+def test_estimate_train_flops_hand_computed():
+    # 4*10*7 frozen fwd+bwd, 6*2*7 LoRA, 4*5*3 head on 3 response positions, + 100 attention
+    assert estimate_train_flops(10, 2, 5, 7, 3, 100) == 280 + 84 + 60 + 100
+    assert estimate_train_flops(0, 0, 0, 7, 3, 0) == 0
+    assert estimate_train_flops(1, 0, 0, 1000, 0, 0) == 4000
+
+
+def test_attention_flops_hand_computed():
+    # 12 * batch * T^2 * d * layers
+    assert attention_flops(2, 8, 16, 4) == 12 * 2 * 64 * 16 * 4 == 98304
+    assert attention_flops(1, 1, 1, 1) == 12
+    assert attention_flops(3, 10, 8, 2) == 2 * attention_flops(3, 10, 8, 1)
+
+
+def test_matmul_and_lora_params_count_2d_weights():
+    module = nn.ModuleDict({"proj": nn.Linear(3, 4), "norm": nn.LayerNorm(4)})
+    module["proj"].lora_A = nn.Linear(3, 2, bias=False)  # named like PEFT's factors
+    module["proj"].lora_B = nn.Linear(2, 4, bias=False)
+
+    assert matmul_params(module) == 3 * 4  # biases, norms and LoRA excluded
+    assert lora_params(module) == 3 * 2 + 2 * 4
+
+
+def test_peak_memory_on_cpu_sees_an_allocation_inside_the_block():
+    size = 200 * 2**20
+
+    with PeakMemory(torch.device("cpu"), interval_s=0.005) as mem:
+        block = torch.ones(size // 4, dtype=torch.float32)  # touched pages count in RSS
+        time.sleep(0.1)
+        del block
+
+    assert mem.start_bytes > 0 and mem.peak_bytes >= mem.start_bytes
+    assert mem.peak_bytes - mem.start_bytes >= 0.75 * size
+
+
+def test_peak_memory_without_allocation_stays_near_start():
+    with PeakMemory(torch.device("cpu")) as mem:
+        time.sleep(0.02)
+
+    assert mem.start_bytes <= mem.peak_bytes < mem.start_bytes + 50 * 2**20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_memory_on_cuda_uses_the_allocator_peak():
+    device = torch.device("cuda")
+    with PeakMemory(device) as mem:
+        block = torch.ones(64 * 2**20 // 4, device=device)
+        del block
+
+    assert mem.peak_bytes - mem.start_bytes >= 64 * 2**20
