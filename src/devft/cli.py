@@ -20,6 +20,13 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+class _NoEvaluateWarning(logging.Filter):
+    """Drop Flower's per-stage notice that client-side evaluation is off (it is, by design)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "fraction_evaluate is set to 0.0" not in record.getMessage()
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -27,7 +34,11 @@ def _setup_logging(verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    from flwr.common import logger as _flwr_logger  # noqa: F401  (sets up the flwr logger)
+
+    flwr = logging.getLogger("flwr")
+    flwr.setLevel(logging.INFO if verbose else logging.WARNING)
+    flwr.addFilter(_NoEvaluateWarning())
     for noisy in ("transformers", "datasets", "ray"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -58,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _console():
     from rich.console import Console
 
+    return Console(width=None if sys.stdout.isatty() else 160)  # tables unwrapped in logs
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from devft.config import load_config
 
     overrides = list(args.set) + [f"output.dir={args.out}"]
@@ -71,7 +86,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from devft.federation.runner import run_method
 
         summary = run_method(cfg)
-        Console().print(
+        _console().print(
             f"[bold]{summary['method']}[/]: held-out loss {summary['initial_eval_loss']:.4f} -> "
             f"{summary['final_eval_loss']:.4f} in {summary['rounds']} rounds, "
             f"{summary['total_bytes'] / 1e6:.1f} MB, {summary['wall_time_s']:.0f} s; "
@@ -82,8 +97,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     cfg = load_config(args.config, overrides)
     comparison = compare_methods(cfg, methods, Path(args.out))
-    Console().print(comparison_table(comparison))
-    Console().print(f"comparison.json and comparison.png in {args.out}")
+    _console().print(comparison_table(comparison))
+    _console().print(f"comparison.json and comparison.png in {args.out}")
     return 0
 
 
