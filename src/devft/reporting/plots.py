@@ -24,29 +24,35 @@ def _stage_bounds(records: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
     return bounds
 
 
-def plot_run(records: list[dict[str, Any]], path: Path) -> None:
-    """Held-out loss of the full model (and the submodel, and client train loss) by round."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    rounds = [r["round"] for r in records]
-    ax.plot(rounds, [r["eval_loss"] for r in records], "o-", label="held-out loss (full model)")
-    sub = [(r["round"], r["sub_eval_loss"]) for r in records if r.get("sub_eval_loss") is not None]
-    if sub:
-        ax.plot(*zip(*sub), "s--", alpha=0.7, label="held-out loss (stage submodel)")
-    train = [(r["round"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
-    if train:
-        ax.plot(*zip(*train), ":", alpha=0.7, label="client train loss")
+def _shade_stages(ax, records: list[dict[str, Any]]) -> None:
     for i, (stage, first, last) in enumerate(_stage_bounds(records)):
         layers = next(r["layers_trained"] for r in records if r["round"] == first)
         ax.axvspan(first - 0.5, last + 0.5, color=f"C{i % 10}", alpha=0.06)
         ax.text((first + last) / 2, 1.0, f"S{stage}: {layers}L", ha="center", va="bottom",
                 transform=ax.get_xaxis_transform(), fontsize=8)
-    if sub:
-        top = max(r["eval_loss"] for r in records if r["eval_loss"] is not None)
-        ax.set_ylim(top=top * 1.5)  # fused submodels can have very high losses
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss (response tokens)")
-    ax.set_title(f"{records[0]['method']}", pad=16)
-    ax.legend(fontsize=8)
+
+
+def plot_run(records: list[dict[str, Any]], path: Path) -> None:
+    """Left: held-out loss of the full model (after transfer) by round. Right: the model the
+    clients actually train (the stage submodel): its held-out loss and the clients' train loss.
+    """
+    fig, (full_ax, sub_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    full_ax.plot([r["round"] for r in records], [r["eval_loss"] for r in records], "o-",
+                 label="held-out loss, full model + global LoRA")
+    sub = [(r["round"], r["sub_eval_loss"] if r.get("sub_eval_loss") is not None
+            else r["eval_loss"]) for r in records]
+    sub_ax.plot(*zip(*sub), "s-", label="held-out loss, trained (sub)model")
+    train = [(r["round"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
+    if train:
+        sub_ax.plot(*zip(*train), ":", marker=".", label="client train loss")
+    sub_ax.set_yscale("log")
+    for ax, title in ((full_ax, "full model"), (sub_ax, "what the clients train")):
+        _shade_stages(ax, records)
+        ax.set_xlabel("round")
+        ax.set_ylabel("loss per response token")
+        ax.set_title(title, pad=16)
+        ax.legend(fontsize=8)
+    fig.suptitle(records[0]["method"])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
