@@ -37,13 +37,26 @@ def tiny_data_file(tmp_path_factory) -> Path:
     for i in range(60):
         cat = ["math", "geo", "color"][i % 3]
         if cat == "math":
-            rows.append({"instruction": f"What is {i} plus 1?", "input": "", "output": str(i + 1),
-                         "category": cat})
+            rows.append(
+                {
+                    "instruction": f"What is {i} plus 1?",
+                    "input": "",
+                    "output": str(i + 1),
+                    "category": cat,
+                }
+            )
         elif cat == "geo":
-            rows.append({"instruction": "Name the capital.", "input": f"Country number {i}",
-                         "output": "Paris", "category": cat})
+            rows.append(
+                {
+                    "instruction": "Name the capital.",
+                    "input": f"Country number {i}",
+                    "output": "Paris",
+                    "category": cat,
+                }
+            )
         else:
-            rows.append({"instruction": "Say a color.", "input": "", "output": "blue",
-                         "category": cat})
+            rows.append(
+                {"instruction": "Say a color.", "input": "", "output": "blue", "category": cat}
+            )
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path

@@ -9,11 +9,26 @@ from devft.cli import main
 
 @pytest.fixture
 def base_args(tiny_model_dir, tiny_data_file, tmp_path):
-    return ["--set", f"model.path={tiny_model_dir}", "--set", f"data.name={tiny_data_file}",
-            "--set", "federation.num_clients=2", "--set", "federation.rounds=2",
-            "--set", "devft.stages=2,4", "--set", "train.local_steps=1",
-            "--set", "data.eval_examples=4", "--set", "output.progress=false",
-            "--out", str(tmp_path / "out")]
+    return [
+        "--set",
+        f"model.path={tiny_model_dir}",
+        "--set",
+        f"data.name={tiny_data_file}",
+        "--set",
+        "federation.num_clients=2",
+        "--set",
+        "federation.rounds=2",
+        "--set",
+        "devft.stages=2,4",
+        "--set",
+        "train.local_steps=1",
+        "--set",
+        "data.eval_examples=4",
+        "--set",
+        "output.progress=false",
+        "--out",
+        str(tmp_path / "out"),
+    ]
 
 
 def _fails(capsys, argv, *expected):
@@ -28,21 +43,24 @@ def _fails(capsys, argv, *expected):
     return line[0]
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("devft.stages=4,2", ["devft.stages", "[4, 2]", "strictly increasing"]),
-    ("devft.stages=1,3", ["devft.stages", "[1, 3]", "depth (4)"]),
-    ("devft.stages=2,8", ["devft.stages", "more groups than layers"]),
-    ("lora.r=0", ["lora.r", "0", "positive integer"]),
-    ("devft.beta=1.5", ["devft.beta", "1.5", "[0, 1]"]),
-    ("method=fedprox", ["method", "fedprox", "devft", "fedit"]),
-    ("lora.target_modules=foo_proj", ["lora.target_modules", "foo_proj", "q_proj"]),
-    ("data.name=nosuchdata", ["data.name", "nosuchdata", "tasks", "sharegpt"]),
-    ("model.path=/no/such/model", ["model.path", "/no/such/model"]),
-    ("federation.num_clients=0", ["federation.num_clients", "positive integer"]),
-    ("federation.rounds=1", ["federation.rounds", "at least one round per stage"]),
-    ("train.lr=fast", ["train.lr", "fast", "a number"]),
-    ("lora.rank=8", ["lora.rank", "known key", "target_modules"]),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("devft.stages=4,2", ["devft.stages", "[4, 2]", "strictly increasing"]),
+        ("devft.stages=1,3", ["devft.stages", "[1, 3]", "depth (4)"]),
+        ("devft.stages=2,8", ["devft.stages", "more groups than layers"]),
+        ("lora.r=0", ["lora.r", "0", "positive integer"]),
+        ("devft.beta=1.5", ["devft.beta", "1.5", "[0, 1]"]),
+        ("method=fedprox", ["method", "fedprox", "devft", "fedit"]),
+        ("lora.target_modules=foo_proj", ["lora.target_modules", "foo_proj", "q_proj"]),
+        ("data.name=nosuchdata", ["data.name", "nosuchdata", "tasks", "sharegpt"]),
+        ("model.path=/no/such/model", ["model.path", "/no/such/model"]),
+        ("federation.num_clients=0", ["federation.num_clients", "positive integer"]),
+        ("federation.rounds=1", ["federation.rounds", "at least one round per stage"]),
+        ("train.lr=fast", ["train.lr", "fast", "a number"]),
+        ("lora.rank=8", ["lora.rank", "known key", "target_modules"]),
+    ],
+)
 def test_bad_config_values_stop_with_one_clear_message(capsys, base_args, override, expected):
     _fails(capsys, ["run", *base_args, "--set", override], *expected)
 
@@ -78,8 +96,9 @@ def test_compare_writes_table_json_and_plot(capsys, base_args, tmp_path):
     assert fedit["final_eval_loss_delta"] == 0.0
     assert fedit["time_to_target_speedup"] is not None  # fedit always reaches its own target
     devft = comparison["methods"]["devft"]
-    assert {"time_to_target_speedup", "bytes_to_target_reduction",
-            "final_eval_loss_delta"} <= set(devft["vs_fedit"])
+    assert {"time_to_target_speedup", "bytes_to_target_reduction", "final_eval_loss_delta"} <= set(
+        devft["vs_fedit"]
+    )
     assert devft["summary"]["rounds"] == 2
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 1000
     for method in ("devft", "fedit"):

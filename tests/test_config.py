@@ -30,6 +30,7 @@ def config_error(overrides, path=None):
 
 # ---- defaults --------------------------------------------------------------------------------
 
+
 def test_defaults_load():
     cfg = load_config(None)
     assert cfg == RunConfig()
@@ -47,8 +48,11 @@ def test_empty_yaml_file_is_defaults(tmp_path):
 
 # ---- YAML + overrides ------------------------------------------------------------------------
 
+
 def test_yaml_then_overrides(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 method: fedit
 seed: 3
 lora:
@@ -60,7 +64,8 @@ train:
 devft:
   stages: [2, 4, 8]
   beta: 0.15
-""")
+""",
+    )
     cfg = load_config(path, ["seed=7", "train.lr=0.01", "federation.num_clients=8"])
     assert cfg.method == "fedit"
     assert cfg.seed == 7  # override wins over the file
@@ -76,9 +81,9 @@ devft:
     ("override", "getter", "expected"),
     [
         ("lora.r=32", lambda c: c.lora.r, 32),
-        ("lora.alpha=64", lambda c: c.lora.alpha, 64.0),        # int -> float field
+        ("lora.alpha=64", lambda c: c.lora.alpha, 64.0),  # int -> float field
         ("train.lr=0.0005", lambda c: c.train.lr, 0.0005),
-        ("train.lr=3e-4", lambda c: c.train.lr, 3e-4),          # YAML 1.1 reads this as a str
+        ("train.lr=3e-4", lambda c: c.train.lr, 3e-4),  # YAML 1.1 reads this as a str
         ("train.lr=1E-3", lambda c: c.train.lr, 1e-3),
         ("devft.beta=0", lambda c: c.devft.beta, 0.0),
         ("devft.beta=1", lambda c: c.devft.beta, 1.0),
@@ -87,13 +92,19 @@ devft:
         ("devft.stages=[4, 8, 16, 30]", lambda c: c.devft.stages, [4, 8, 16, 30]),
         ("devft.stages=4,8,15,30", lambda c: c.devft.stages, [4, 8, 15, 30]),  # comma list
         ("devft.stages= 4, 8 ,15,30 ", lambda c: c.devft.stages, [4, 8, 15, 30]),
-        ("devft.stages=30", lambda c: c.devft.stages, [30]),      # scalar -> one-item list
-        ("devft.stages=", lambda c: c.devft.stages, []),          # empty = doubling default
+        ("devft.stages=30", lambda c: c.devft.stages, [30]),  # scalar -> one-item list
+        ("devft.stages=", lambda c: c.devft.stages, []),  # empty = doubling default
         ("devft.rounds_per_stage=2,3,4", lambda c: c.devft.rounds_per_stage, [2, 3, 4]),
-        ("lora.target_modules=q_proj,v_proj", lambda c: c.lora.target_modules,
-         ["q_proj", "v_proj"]),
-        ("lora.target_modules=[q_proj, k_proj]", lambda c: c.lora.target_modules,
-         ["q_proj", "k_proj"]),
+        (
+            "lora.target_modules=q_proj,v_proj",
+            lambda c: c.lora.target_modules,
+            ["q_proj", "v_proj"],
+        ),
+        (
+            "lora.target_modules=[q_proj, k_proj]",
+            lambda c: c.lora.target_modules,
+            ["q_proj", "k_proj"],
+        ),
         ("lora.target_modules=o_proj", lambda c: c.lora.target_modules, ["o_proj"]),
         ("output.dir=runs/x", lambda c: c.output.dir, "runs/x"),
         ("output.dir=123", lambda c: c.output.dir, "123"),
@@ -121,6 +132,7 @@ def test_later_override_wins():
 
 
 # ---- errors: field, value and what is allowed ------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("override", "field", "value", "allowed"),
@@ -181,8 +193,17 @@ def test_unknown_key_lists_known_keys():
 def test_unknown_top_level_key_lists_sections():
     err = config_error(["lr=0.1"])
     assert err.field == "lr"
-    for key in ["method", "seed", "model", "lora", "data", "federation", "train", "devft",
-                "output"]:
+    for key in [
+        "method",
+        "seed",
+        "model",
+        "lora",
+        "data",
+        "federation",
+        "train",
+        "devft",
+        "output",
+    ]:
         assert key in err.allowed
 
 
@@ -244,11 +265,23 @@ def test_dataclass_validation_direct():
 
 # ---- Flower run_config, dicts, round trips ---------------------------------------------------
 
+
 def nondefault():
-    return load_config(None, ["method=fedit", "seed=9", "lora.r=4", "lora.target_modules=q_proj,v_proj",
-                              "devft.stages=2,4", "devft.beta=0.2", "train.lr=0.002",
-                              "output.progress=false", "model.dtype=bf16",
-                              "devft.laplacian=unnormalized"])
+    return load_config(
+        None,
+        [
+            "method=fedit",
+            "seed=9",
+            "lora.r=4",
+            "lora.target_modules=q_proj,v_proj",
+            "devft.stages=2,4",
+            "devft.beta=0.2",
+            "train.lr=0.002",
+            "output.progress=false",
+            "model.dtype=bf16",
+            "devft.laplacian=unnormalized",
+        ],
+    )
 
 
 def test_to_dict_from_dict_round_trip():
@@ -276,8 +309,13 @@ def test_from_run_config_with_config_json():
 
 def test_from_run_config_with_dotted_overrides():
     cfg = nondefault()
-    rc = {"config-json": json.dumps(cfg.to_dict()), "lora.r": 16, "federation.num-clients": 6,
-          "devft.rounds-per-stage": "1,2", "train.lr": 1e-3}
+    rc = {
+        "config-json": json.dumps(cfg.to_dict()),
+        "lora.r": 16,
+        "federation.num-clients": 6,
+        "devft.rounds-per-stage": "1,2",
+        "train.lr": 1e-3,
+    }
     out = from_run_config(rc)
     assert out.lora.r == 16
     assert out.federation.num_clients == 6  # dashes become underscores
@@ -294,8 +332,12 @@ def test_from_run_config_with_config_file_and_overrides(tmp_path):
 
 def test_from_run_config_json_wins_over_file(tmp_path):
     cfg = nondefault()
-    out = from_run_config({"config-json": json.dumps(cfg.to_dict()),
-                           "config-file": str(tmp_path / "does-not-exist.yaml")})
+    out = from_run_config(
+        {
+            "config-json": json.dumps(cfg.to_dict()),
+            "config-file": str(tmp_path / "does-not-exist.yaml"),
+        }
+    )
     assert out == cfg
 
 

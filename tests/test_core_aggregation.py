@@ -14,9 +14,11 @@ def test_normalized_weights():
 
 @pytest.mark.parametrize("rule", [weighted_mean, fedavg])
 def test_weighted_mean_hand_computed(rule):
-    states = [{"A": torch.tensor([1.0, 2.0]), "B": torch.tensor([[0.0, 4.0]])},
-              {"A": torch.tensor([3.0, 6.0]), "B": torch.tensor([[8.0, 0.0]])},
-              {"A": torch.tensor([-1.0, 0.0]), "B": torch.tensor([[4.0, 4.0]])}]
+    states = [
+        {"A": torch.tensor([1.0, 2.0]), "B": torch.tensor([[0.0, 4.0]])},
+        {"A": torch.tensor([3.0, 6.0]), "B": torch.tensor([[8.0, 0.0]])},
+        {"A": torch.tensor([-1.0, 0.0]), "B": torch.tensor([[4.0, 4.0]])},
+    ]
     # p = [1, 3, 4] / 8
     out = rule(states, [1, 3, 4])
     torch.testing.assert_close(out["A"], torch.tensor([(1 + 9 - 4) / 8, (2 + 18 + 0) / 8]))
@@ -54,8 +56,10 @@ def test_single_client_is_exact_copy():
 
 
 def test_dtype_preserved():
-    states = [{"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)},
-              {"w": torch.tensor([3.0, 4.0], dtype=torch.bfloat16)}]
+    states = [
+        {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)},
+        {"w": torch.tensor([3.0, 4.0], dtype=torch.bfloat16)},
+    ]
     out = weighted_mean(states, [1, 1])
     assert out["w"].dtype == torch.bfloat16
     assert torch.equal(out["w"], torch.tensor([2.0, 3.0], dtype=torch.bfloat16))

@@ -11,21 +11,26 @@ VARIANTS = ["differential", "anchor", "average"]
 
 
 def layer(w, b, step=0):
-    return {"mlp.weight": torch.tensor(w, dtype=torch.float32),
-            "norm.weight": torch.tensor(b, dtype=torch.float32),
-            "step": torch.tensor([step], dtype=torch.int64)}
+    return {
+        "mlp.weight": torch.tensor(w, dtype=torch.float32),
+        "norm.weight": torch.tensor(b, dtype=torch.float32),
+        "step": torch.tensor([step], dtype=torch.int64),
+    }
 
 
 @pytest.fixture
 def layers():
     # 4 layers with 2-element weights; groups below use layers out of order on purpose
-    return {0: layer([1.0, 2.0], [1.0], step=10),
-            1: layer([10.0, -4.0], [0.5], step=11),
-            2: layer([3.0, 5.0], [2.0], step=12),
-            3: layer([-1.0, 0.0], [0.0], step=13)}
+    return {
+        0: layer([1.0, 2.0], [1.0], step=10),
+        1: layer([10.0, -4.0], [0.5], step=11),
+        2: layer([3.0, 5.0], [2.0], step=12),
+        3: layer([-1.0, 0.0], [0.0], step=13),
+    }
 
 
 # ---- coefficients ----------------------------------------------------------------------------
+
 
 def test_differential_coefficients_hand_computed():
     assert fusion_coefficients(4, 0.1) == pytest.approx([0.7, 0.1, 0.1, 0.1])
@@ -54,6 +59,7 @@ def test_unknown_variant():
 
 
 # ---- the formula on hand-made tensors --------------------------------------------------------
+
 
 def test_differential_formula_hand_computed(layers):
     # group [0, 2, 3], anchor 0, beta 0.25:
@@ -106,14 +112,16 @@ def test_fused_lora_b_zero_stays_zero():
 
 # ---- one-layer groups ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_one_layer_group_is_that_layer_unchanged(variant, dtype):
     torch.manual_seed(1)
     # float64 values that float32 cannot hold: a float32 round trip would change them
-    states = {i: {"w": (torch.randn(5, 3, dtype=torch.float64) * 10 ** i).to(dtype),
-                  "idx": torch.arange(3)}
-              for i in range(3)}
+    states = {
+        i: {"w": (torch.randn(5, 3, dtype=torch.float64) * 10**i).to(dtype), "idx": torch.arange(3)}
+        for i in range(3)
+    }
     fused = fuse_layers(states, [[0], [1], [2]], beta=0.1, variant=variant)
     for n in range(3):
         assert fused[n]["w"].dtype == dtype
@@ -131,6 +139,7 @@ def test_full_depth_groups_reproduce_every_layer(layers):
 
 
 # ---- warning, dtypes, non-float tensors ------------------------------------------------------
+
 
 def test_warns_when_anchor_coefficient_negative(caplog):
     # 13B-like: |g| = 10, beta = 0.15 -> 1 - 0.15 * 9 = -0.35
@@ -160,12 +169,12 @@ def test_bf16_in_bf16_out_computed_in_fp32():
     assert fused.dtype == torch.bfloat16
     exact = sum(c * s["w"].double() for c, s in zip(coeffs, states))
     rel_err = ((fused.double() - exact).abs() / exact).max().item()
-    assert rel_err <= 2 ** -8 * 1.01
+    assert rel_err <= 2**-8 * 1.01
     # accumulating in bf16 instead rounds at every step and misses that bound
     naive = torch.zeros(4096, dtype=torch.bfloat16)
     for c, s in zip(coeffs, states):
         naive = naive + c * s["w"]
-    assert ((naive.double() - exact).abs() / exact).max().item() > 2 ** -8 * 1.01
+    assert ((naive.double() - exact).abs() / exact).max().item() > 2**-8 * 1.01
 
 
 def test_non_float_tensors_are_copied_from_anchor(layers):
@@ -191,7 +200,9 @@ def test_fuse_group_keeps_keys_and_shapes():
     out = fuse_group(states, [0.5, 0.25, 0.25])
     assert list(out) == ["a", "b"]
     assert out["a"].shape == (2, 3) and out["b"].shape == (5,)
-    torch.testing.assert_close(out["b"], 0.5 * states[0]["b"] + 0.25 * (states[1]["b"] + states[2]["b"]))
+    torch.testing.assert_close(
+        out["b"], 0.5 * states[0]["b"] + 0.25 * (states[1]["b"] + states[2]["b"])
+    )
 
 
 def test_fuse_group_rejects_coefficient_count_mismatch():

@@ -50,14 +50,11 @@ def check_contract(groups, num_layers, k):
 
 # ---- similarity_graph ------------------------------------------------------------------------
 
+
 def test_similarity_graph_clips_negatives_symmetrizes_and_drops_self_loops():
-    sim = np.array([[1.0, 0.5, -0.2],
-                    [0.3, 1.0, 0.4],
-                    [-0.7, 0.4, 1.0]])
+    sim = np.array([[1.0, 0.5, -0.2], [0.3, 1.0, 0.4], [-0.7, 0.4, 1.0]])
     w = similarity_graph(sim)
-    expected = np.array([[0.0, 0.4, 0.0],
-                         [0.4, 0.0, 0.4],
-                         [0.0, 0.4, 0.0]])
+    expected = np.array([[0.0, 0.4, 0.0], [0.4, 0.0, 0.4], [0.0, 0.4, 0.0]])
     np.testing.assert_allclose(w, expected)
     assert w.dtype == np.float64
     assert (w >= 0).all()
@@ -77,6 +74,7 @@ def test_similarity_graph_does_not_modify_input():
 
 
 # ---- spectral_embedding ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("laplacian", LAPLACIANS)
 def test_spectral_embedding_is_constant_on_connected_components(laplacian):
@@ -112,6 +110,7 @@ def test_spectral_embedding_unknown_laplacian():
 
 # ---- group_layers: planted structure ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("laplacian", LAPLACIANS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recovers_contiguous_planted_blocks(laplacian, seed):
@@ -145,10 +144,14 @@ def test_recovers_unequal_interleaved_clusters_with_weak_positive_across(laplaci
 @pytest.mark.parametrize("laplacian", LAPLACIANS)
 def test_conflicting_layers_are_separated(laplacian):
     # 0 and 1 agree, 2 and 3 agree, the pairs conflict (negative cosine): k=2 splits the pairs
-    sim = np.array([[1.0, 0.8, -0.6, -0.5],
-                    [0.8, 1.0, -0.4, -0.7],
-                    [-0.6, -0.4, 1.0, 0.9],
-                    [-0.5, -0.7, 0.9, 1.0]])
+    sim = np.array(
+        [
+            [1.0, 0.8, -0.6, -0.5],
+            [0.8, 1.0, -0.4, -0.7],
+            [-0.6, -0.4, 1.0, 0.9],
+            [-0.5, -0.7, 0.9, 1.0],
+        ]
+    )
     assert group_layers(sim, 2, laplacian) == [[0, 1], [2, 3]]
 
 
@@ -172,6 +175,7 @@ def test_accepts_non_float64_input(laplacian):
 
 # ---- group_layers: exactly k groups for every k ----------------------------------------------
 
+
 def _degenerate(name, num_layers):
     if name == "identical":
         return np.ones((num_layers, num_layers))
@@ -190,9 +194,20 @@ def _degenerate(name, num_layers):
 
 
 @pytest.mark.parametrize("laplacian", LAPLACIANS)
-@pytest.mark.parametrize(("kind", "num_layers"), [
-    ("identical", 1), ("identical", 2), ("identical", 12), ("zero", 2), ("zero", 12),
-    ("negative", 2), ("negative", 12), ("random", 7), ("planted", 8)])
+@pytest.mark.parametrize(
+    ("kind", "num_layers"),
+    [
+        ("identical", 1),
+        ("identical", 2),
+        ("identical", 12),
+        ("zero", 2),
+        ("zero", 12),
+        ("negative", 2),
+        ("negative", 12),
+        ("random", 7),
+        ("planted", 8),
+    ],
+)
 def test_exactly_k_nonempty_groups_for_every_k(laplacian, kind, num_layers):
     sim = _degenerate(kind, num_layers)
     for k in range(1, num_layers + 1):
@@ -237,6 +252,7 @@ def test_groups_from_labels_all_one_label_reaches_k():
 
 # ---- contiguous_groups / format_groups -------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("num_layers", "k", "expected"),
     [
@@ -278,8 +294,9 @@ def test_group_layers_keeps_k_groups_when_kmeans_collapses(monkeypatch, caplog):
     # force the k-means step to return only 2 distinct labels for k=4
     import devft.core.grouping as grouping
 
-    monkeypatch.setattr(grouping, "_kmeans_labels",
-                        lambda emb, k, seed: np.array([0, 0, 0, 1, 1, 1, 0, 0]))
+    monkeypatch.setattr(
+        grouping, "_kmeans_labels", lambda emb, k, seed: np.array([0, 0, 0, 1, 1, 1, 0, 0])
+    )
     with caplog.at_level(logging.WARNING, logger="devft.core.grouping"):
         groups = group_layers(planted_similarity([[0, 1, 2, 3], [4, 5, 6, 7]]), 4)
     check_contract(groups, 8, 4)

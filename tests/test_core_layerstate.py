@@ -27,9 +27,13 @@ def test_split_by_layer_groups_by_index():
     assert sorted(layers) == [0, 1, 2, 10, 11]
     assert all(isinstance(i, int) for i in layers)
     assert sorted(layers[10]) == sorted(
-        f"{mod}.{ab}.weight" for mod in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
-        for ab in ["lora_A", "lora_B"])
-    assert layers[2]["mlp.down_proj.lora_B.weight"] is state[f"{PREFIX}2.mlp.down_proj.lora_B.weight"]
+        f"{mod}.{ab}.weight"
+        for mod in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+        for ab in ["lora_A", "lora_B"]
+    )
+    assert (
+        layers[2]["mlp.down_proj.lora_B.weight"] is state[f"{PREFIX}2.mlp.down_proj.lora_B.weight"]
+    )
     assert set(rest) == {
         "base_model.model.model.embed_tokens.weight",
         "base_model.model.model.norm.weight",
@@ -49,11 +53,18 @@ def test_split_join_round_trip():
 
 
 def test_join_orders_layers_numerically_and_without_rest():
-    layers = {10: {"w": torch.zeros(1)}, 2: {"w": torch.ones(1)}, 0: {"a": torch.ones(1),
-                                                                    "b": torch.ones(1)}}
+    layers = {
+        10: {"w": torch.zeros(1)},
+        2: {"w": torch.ones(1)},
+        0: {"a": torch.ones(1), "b": torch.ones(1)},
+    }
     joined = join_layers(layers, "model.layers.")
-    assert list(joined) == ["model.layers.0.a", "model.layers.0.b", "model.layers.2.w",
-                            "model.layers.10.w"]
+    assert list(joined) == [
+        "model.layers.0.a",
+        "model.layers.0.b",
+        "model.layers.2.w",
+        "model.layers.10.w",
+    ]
 
 
 def test_join_does_not_modify_rest():
@@ -64,9 +75,11 @@ def test_join_does_not_modify_rest():
 
 
 def test_split_with_other_family_prefix():
-    state = {"transformer.h.0.attn.c_attn.lora_A.weight": torch.ones(1),
-             "transformer.h.3.mlp.c_fc.lora_B.weight": torch.ones(1),
-             "transformer.wte.weight": torch.ones(1)}
+    state = {
+        "transformer.h.0.attn.c_attn.lora_A.weight": torch.ones(1),
+        "transformer.h.3.mlp.c_fc.lora_B.weight": torch.ones(1),
+        "transformer.wte.weight": torch.ones(1),
+    }
     layers, rest = split_by_layer(state, "transformer.h.")
     assert set(layers) == {0, 3}
     assert list(layers[3]) == ["mlp.c_fc.lora_B.weight"]

@@ -15,14 +15,14 @@ from devft.errors import ConfigError
 @pytest.mark.parametrize(
     ("num_layers", "num_stages", "expected"),
     [
-        (32, 4, [4, 8, 16, 32]),   # the paper's 32-layer schedule
-        (30, 4, [4, 8, 15, 30]),   # SmolLM2-135M: ceil(30/8)=4, ceil(30/4)=8, ceil(30/2)=15
+        (32, 4, [4, 8, 16, 32]),  # the paper's 32-layer schedule
+        (30, 4, [4, 8, 15, 30]),  # SmolLM2-135M: ceil(30/8)=4, ceil(30/4)=8, ceil(30/2)=15
         (40, 4, [5, 10, 20, 40]),  # LLaMA2-13B reading in devft_paper.md §1
         (24, 3, [6, 12, 24]),
         (10, 1, [10]),
-        (4, 4, [1, 2, 4]),         # ceil(4/8)=1 and ceil(4/4)=1 collapse
-        (3, 4, [1, 2, 3]),         # 1, 1, 2, 3
-        (2, 4, [1, 2]),            # 1, 1, 1, 2
+        (4, 4, [1, 2, 4]),  # ceil(4/8)=1 and ceil(4/4)=1 collapse
+        (3, 4, [1, 2, 3]),  # 1, 1, 2, 3
+        (2, 4, [1, 2]),  # 1, 1, 1, 2
         (1, 4, [1]),
     ],
 )
@@ -39,14 +39,20 @@ def test_doubling_stages_is_always_a_valid_schedule():
             assert all(b > a for a, b in zip(counts, counts[1:])), counts
             assert len(counts) <= num_stages
             # and build_schedule accepts it as is
-            assert [s.num_layers for s in build_schedule(num_layers, [], num_stages, [1], 1)] \
-                == counts
+            assert [
+                s.num_layers for s in build_schedule(num_layers, [], num_stages, [1], 1)
+            ] == counts
 
 
 @pytest.mark.parametrize(
     ("total", "stages", "expected"),
-    [(12, 4, [3, 3, 3, 3]), (10, 4, [2, 2, 3, 3]), (7, 3, [2, 2, 3]), (4, 4, [1, 1, 1, 1]),
-     (5, 1, [5])],
+    [
+        (12, 4, [3, 3, 3, 3]),
+        (10, 4, [2, 2, 3, 3]),
+        (7, 3, [2, 2, 3]),
+        (4, 4, [1, 1, 1, 1]),
+        (5, 1, [5]),
+    ],
 )
 def test_split_rounds(total, stages, expected):
     rounds = split_rounds(total, stages)
@@ -69,7 +75,10 @@ def test_build_schedule_default_doubling_and_even_rounds():
 
 def test_build_schedule_explicit_stages_and_rounds():
     assert build_schedule(8, [2, 4, 8], 4, [1, 2, 5], 99) == [
-        Stage(0, 2, 1), Stage(1, 4, 2), Stage(2, 8, 5)]
+        Stage(0, 2, 1),
+        Stage(1, 4, 2),
+        Stage(2, 8, 5),
+    ]
 
 
 def test_build_schedule_single_rounds_value_applies_to_every_stage():
@@ -87,14 +96,14 @@ def test_full_model_schedule():
 @pytest.mark.parametrize(
     ("num_layers", "stages", "rounds_per_stage", "total", "field"),
     [
-        (8, [4, 4, 8], [], 12, "devft.stages"),       # not strictly increasing
-        (8, [8, 4], [], 12, "devft.stages"),          # decreasing, ends below depth
-        (8, [2, 4], [], 12, "devft.stages"),          # does not end at the depth
-        (8, [0, 8], [], 12, "devft.stages"),          # a stage without layers
-        (8, [4, 16], [], 12, "devft.stages"),         # more groups than layers
-        (8, [2, 4, 8], [3, 3], 12, "devft.rounds_per_stage"),     # wrong length
+        (8, [4, 4, 8], [], 12, "devft.stages"),  # not strictly increasing
+        (8, [8, 4], [], 12, "devft.stages"),  # decreasing, ends below depth
+        (8, [2, 4], [], 12, "devft.stages"),  # does not end at the depth
+        (8, [0, 8], [], 12, "devft.stages"),  # a stage without layers
+        (8, [4, 16], [], 12, "devft.stages"),  # more groups than layers
+        (8, [2, 4, 8], [3, 3], 12, "devft.rounds_per_stage"),  # wrong length
         (8, [2, 4, 8], [3, 3, 3, 3], 12, "devft.rounds_per_stage"),
-        (8, [2, 4, 8], [], 2, "federation.rounds"),   # fewer rounds than stages
+        (8, [2, 4, 8], [], 2, "federation.rounds"),  # fewer rounds than stages
     ],
 )
 def test_build_schedule_errors_name_the_field(num_layers, stages, rounds_per_stage, total, field):

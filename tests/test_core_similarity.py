@@ -11,10 +11,10 @@ from devft.core.similarity import cosine_from_gram, cosine_matrix
 def test_cosine_matrix_hand_computed():
     vectors = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [-1.0, 0.0]])
     s = 1 / math.sqrt(2)
-    expected = torch.tensor([[1.0, 0.0, s, -1.0],
-                             [0.0, 1.0, s, 0.0],
-                             [s, s, 1.0, -s],
-                             [-1.0, 0.0, -s, 1.0]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[1.0, 0.0, s, -1.0], [0.0, 1.0, s, 0.0], [s, s, 1.0, -s], [-1.0, 0.0, -s, 1.0]],
+        dtype=torch.float64,
+    )
     sim = cosine_matrix(vectors)
     assert sim.dtype == torch.float64
     torch.testing.assert_close(sim, expected)

@@ -9,8 +9,10 @@ from devft.core.transfer import transfer_layers
 
 def lora(seed, r=2, d=4):
     g = torch.Generator().manual_seed(seed)
-    return {"self_attn.q_proj.lora_A.weight": torch.randn(r, d, generator=g),
-            "self_attn.q_proj.lora_B.weight": torch.randn(d, r, generator=g)}
+    return {
+        "self_attn.q_proj.lora_A.weight": torch.randn(r, d, generator=g),
+        "self_attn.q_proj.lora_B.weight": torch.randn(d, r, generator=g),
+    }
 
 
 def test_every_layer_gets_exactly_its_representatives_lora():

@@ -8,9 +8,20 @@ from devft.data.records import load_records
 from devft.data.tasks import MC_TASKS, TRAIN_TASKS, multiple_choice_items, unseen_task_records
 from devft.errors import DataError
 
-EXPECTED_SIZES = {"sciq": 1000, "boolq": 3270, "arc_easy": 570, "obqa": 500, "piqa": 1838,
-                  "siqa": 1954, "csqa": 1221, "nq": 3610, "triviaqa": 7993, "hellaswag": 10042,
-                  "winogrande": 1267, "sst2": 872}
+EXPECTED_SIZES = {
+    "sciq": 1000,
+    "boolq": 3270,
+    "arc_easy": 570,
+    "obqa": 500,
+    "piqa": 1838,
+    "siqa": 1954,
+    "csqa": 1221,
+    "nq": 3610,
+    "triviaqa": 7993,
+    "hellaswag": 10042,
+    "winogrande": 1267,
+    "sst2": 872,
+}
 
 
 def test_tasks_mixture():

@@ -22,8 +22,11 @@ def data(cfg):
 def test_split_and_partitions(data):
     assert len(data.records) == 60
     assert sorted(data.train_indices + data.heldout_indices) == list(range(60))
-    assert Counter(data.records[i].category for i in data.heldout_indices) == \
-        {"math": 4, "geo": 4, "color": 4}
+    assert Counter(data.records[i].category for i in data.heldout_indices) == {
+        "math": 4,
+        "geo": 4,
+        "color": 4,
+    }
     flat = sorted(i for p in data.partitions for i in p)
     assert flat == data.train_indices  # partitions cover exactly the training rows
     assert data.num_clients == 3 and all(data.partitions)
@@ -72,8 +75,13 @@ def test_partition_summary(data):
 
 
 def test_dirichlet_and_cache(cfg):
-    dcfg = DataConfig(name=cfg.name, heldout_fraction=0.2, eval_examples=6,
-                      partition="dirichlet", dirichlet_alpha=0.1)
+    dcfg = DataConfig(
+        name=cfg.name,
+        heldout_fraction=0.2,
+        eval_examples=6,
+        partition="dirichlet",
+        dirichlet_alpha=0.1,
+    )
     a = federated_data(dcfg, 4, 1)
     assert federated_data(dcfg, 4, 1) is a  # cached per process
     b = federated_data(DataConfig(name=cfg.name, heldout_fraction=0.2, eval_examples=6), 4, 1)

@@ -25,16 +25,18 @@ def n_prompt(enc):
 
 def test_prompt_messages():
     assert prompt_messages(QA) == [{"role": "user", "content": "What is 2+2?"}]
-    assert prompt_messages(WITH_INPUT) == [{"role": "user",
-                                            "content": "Name the capital.\n\nFrance"}]
+    assert prompt_messages(WITH_INPUT) == [
+        {"role": "user", "content": "Name the capital.\n\nFrance"}
+    ]
 
 
 def test_labels_only_on_response(tokenizer):
     enc = encode(WITH_INPUT, tokenizer, 256)
     assert len(enc.input_ids) == len(enc.labels)
     k = n_prompt(enc)
-    prompt = tokenizer.apply_chat_template(prompt_messages(WITH_INPUT),
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        prompt_messages(WITH_INPUT), add_generation_prompt=True, tokenize=False
+    )
     assert tokenizer.decode(enc.input_ids[:k]) == prompt
     assert all(x == IGNORE_INDEX for x in enc.labels[:k])
     assert enc.labels[k:] == enc.input_ids[k:]
@@ -67,7 +69,8 @@ def test_long_response_and_long_prompt(tokenizer):
     assert tokenizer.decode(enc.input_ids[k:]) == "y" * 32  # a cut response has no eos
     # prompt keeps its last tokens: the question and the assistant header survive
     assert tokenizer.decode(enc.input_ids[:k]).endswith(
-        " QUESTION?<|im_end|>\n<|im_start|>assistant\n")
+        " QUESTION?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert "user" not in tokenizer.decode(enc.input_ids[:k])
 
 
@@ -83,18 +86,21 @@ def test_long_prompt_short_response_keeps_whole_response(tokenizer):
     rec = Record("z" * 300, "", "ok", "t")
     enc = encode(rec, tokenizer, 48)
     assert len(enc.input_ids) == 48
-    assert tokenizer.decode(enc.input_ids[n_prompt(enc):]) == "ok<|im_end|>"
+    assert tokenizer.decode(enc.input_ids[n_prompt(enc) :]) == "ok<|im_end|>"
 
 
 def test_fallback_template_without_chat_template():
     tok = byte_tokenizer()
     tok.chat_template = None
-    assert prompt_text(WITH_INPUT, tok) == PLAIN_TEMPLATE.format(content="Name the capital."
-                                                                 "\n\nFrance")
+    assert prompt_text(WITH_INPUT, tok) == PLAIN_TEMPLATE.format(
+        content="Name the capital.\n\nFrance"
+    )
     enc = encode(WITH_INPUT, tok, 256)
     k = n_prompt(enc)
-    assert tok.decode(enc.input_ids[:k]) == \
-        "### Instruction:\nName the capital.\n\nFrance\n\n### Response:\n"
+    assert (
+        tok.decode(enc.input_ids[:k])
+        == "### Instruction:\nName the capital.\n\nFrance\n\n### Response:\n"
+    )
     assert tok.decode(enc.input_ids[k:]) == "Paris<|im_end|>"
 
 
@@ -102,12 +108,13 @@ def test_fallback_keeps_bos_of_tokenizers_that_add_one():
     tok = byte_tokenizer()
     tok.chat_template = None
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.bos_token_id)])
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", tok.bos_token_id)]
+    )
     assert tok("a", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id
     enc = encode(Record("w" * 200, "", "ok", "t"), tok, 40)
     assert len(enc.input_ids) == 40
     assert enc.input_ids[0] == tok.bos_token_id  # kept through left-truncation
-    assert tok.decode(enc.input_ids[1:n_prompt(enc)]).endswith("www\n\n### Response:\n")
+    assert tok.decode(enc.input_ids[1 : n_prompt(enc)]).endswith("www\n\n### Response:\n")
 
 
 def test_collate_pads_right(tokenizer):

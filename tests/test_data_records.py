@@ -23,8 +23,14 @@ def test_tiny_jsonl_file_loads(tiny_data_file):
 
 def test_json_list_with_defaults(tmp_path):
     path = tmp_path / "d.json"
-    path.write_text(json.dumps([{"instruction": "Hi", "output": "Hello"},
-                                {"instruction": "Q", "input": None, "output": "", "extra": 1}]))
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": "Hi", "output": "Hello"},
+                {"instruction": "Q", "input": None, "output": "", "extra": 1},
+            ]
+        )
+    )
     records = load_records(str(path))
     assert records == [Record("Hi", "", "Hello", "default"), Record("Q", "", "", "default")]
 
@@ -83,16 +89,22 @@ def test_invalid_jsonl_line(tmp_path):
         load_records(str(path))
 
 
-@pytest.mark.parametrize("row, problem", [
-    ([1, 2], r"record 2: expected an object .* got a list"),
-    ({"output": "x"}, r"record 2: missing field 'instruction'"),
-    ({"instruction": "  ", "output": "x"}, r"record 2: field 'instruction' is empty"),
-    ({"instruction": "q"}, r"record 2: missing field 'output'"),
-    ({"instruction": "q", "output": 3}, r"record 2: field 'output' must be a string, got a number"),
-    ({"instruction": ["q"], "output": "a"}, r"record 2: field 'instruction' must be a string"),
-    ({"instruction": "q", "input": 1.5, "output": "a"}, r"record 2: field 'input' must be"),
-    ({"instruction": "q", "output": "a", "category": {}}, r"record 2: field 'category' must"),
-])
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ([1, 2], r"record 2: expected an object .* got a list"),
+        ({"output": "x"}, r"record 2: missing field 'instruction'"),
+        ({"instruction": "  ", "output": "x"}, r"record 2: field 'instruction' is empty"),
+        ({"instruction": "q"}, r"record 2: missing field 'output'"),
+        (
+            {"instruction": "q", "output": 3},
+            r"record 2: field 'output' must be a string, got a number",
+        ),
+        ({"instruction": ["q"], "output": "a"}, r"record 2: field 'instruction' must be a string"),
+        ({"instruction": "q", "input": 1.5, "output": "a"}, r"record 2: field 'input' must be"),
+        ({"instruction": "q", "output": "a", "category": {}}, r"record 2: field 'category' must"),
+    ],
+)
 def test_bad_json_records(tmp_path, row, problem):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"instruction": "ok", "output": "ok"}, row]))
@@ -102,8 +114,10 @@ def test_bad_json_records(tmp_path, row, problem):
 
 
 def test_bad_jsonl_record_names_the_line(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"},
-                                                {"instruction": "a", "output": "b"}, '"text"'])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b"}, '"text"'],
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl.*line 3: expected an object .*a string"):
         load_records(str(path))
 

@@ -50,8 +50,9 @@ def test_heldout_split_small_categories():
 def test_heldout_split_ignores_category_interleaving_and_other_categories():
     blocks = recs(["a"] * 20 + ["b"] * 20)
     mixed = recs(["a", "b"] * 20)
-    assert by_rank(blocks, heldout_split(blocks, 0.25, 7)[1]) == \
-        by_rank(mixed, heldout_split(mixed, 0.25, 7)[1])
+    assert by_rank(blocks, heldout_split(blocks, 0.25, 7)[1]) == by_rank(
+        mixed, heldout_split(mixed, 0.25, 7)[1]
+    )
     only_a = recs(["a"] * 20)
     held_a = {x for x in by_rank(blocks, heldout_split(blocks, 0.25, 7)[1]) if x[0] == "a"}
     assert held_a == by_rank(only_a, heldout_split(only_a, 0.25, 7)[1])

@@ -16,18 +16,34 @@ ROUNDS, CLIENTS = 4, 2
 
 
 def tiny_cfg(model_dir, data_file, out, method, *extra):
-    return load_config(None, [
-        f"model.path={model_dir}", f"data.name={data_file}", f"method={method}",
-        f"federation.num_clients={CLIENTS}", f"federation.rounds={ROUNDS}", "devft.stages=2,4",
-        "train.local_steps=2", "train.batch_size=2", "train.lr=0.01", "data.eval_examples=6",
-        "data.max_seq_len=64", "output.progress=false", f"output.dir={out}", *extra])
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.name={data_file}",
+            f"method={method}",
+            f"federation.num_clients={CLIENTS}",
+            f"federation.rounds={ROUNDS}",
+            "devft.stages=2,4",
+            "train.local_steps=2",
+            "train.batch_size=2",
+            "train.lr=0.01",
+            "data.eval_examples=6",
+            "data.max_seq_len=64",
+            "output.progress=false",
+            f"output.dir={out}",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tiny_data_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return {m: (run_method(tiny_cfg(tiny_model_dir, tiny_data_file, out / m, m)), out / m)
-            for m in ("devft", "fedit")}
+    return {
+        m: (run_method(tiny_cfg(tiny_model_dir, tiny_data_file, out / m, m)), out / m)
+        for m in ("devft", "fedit")
+    }
 
 
 @pytest.mark.parametrize("method", ["devft", "fedit"])

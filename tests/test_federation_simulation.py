@@ -1,17 +1,20 @@
 """DevFT through Flower's own Simulation Runtime (run_simulation, Ray backend)."""
 
+from test_federation_run import tiny_cfg
+
 from devft.federation.runner import run_method
 from devft.reporting.recorder import read_metrics
-from test_federation_run import tiny_cfg
 
 
 def test_ray_simulation_runs_two_stages_and_matches_the_in_process_grid(
-        tiny_model_dir, tiny_data_file, tmp_path):
+    tiny_model_dir, tiny_data_file, tmp_path
+):
     # 2 stages x 1 round x 2 clients on a tiny model
     args = (tiny_model_dir, tiny_data_file)
     extra = ["federation.rounds=2", "devft.rounds_per_stage=1"]
-    ray = run_method(tiny_cfg(*args, tmp_path / "ray", "devft", "federation.runtime=simulation",
-                              *extra))
+    ray = run_method(
+        tiny_cfg(*args, tmp_path / "ray", "devft", "federation.runtime=simulation", *extra)
+    )
     local = run_method(tiny_cfg(*args, tmp_path / "local", "devft", *extra))
     records = read_metrics(tmp_path / "ray")
     assert [r["layers_trained"] for r in records[1:]] == [2, 4]

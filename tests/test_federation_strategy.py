@@ -1,4 +1,4 @@
-"""StagedStrategy: per-round messages carry the stage plan; FedIT aggregation is the weighted mean."""
+"""StagedStrategy: messages carry the stage plan; FedIT aggregation is the weighted mean."""
 
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -30,11 +30,19 @@ def _strategy(*overrides):
 def _reply(state, n, loss=1.0, node=1):
     msg = Message(RecordDict({}), dst_node_id=node, message_type="train")
     msg.metadata.__dict__["_message_id"] = f"m{node}"
-    metrics = MetricRecord({"num-examples": n, "train-loss": loss, "flops": 10, "tokens": 5,
-                            "peak-mem-bytes": 100 * node, "mem-delta-bytes": 1,
-                            "train-time-s": 0.5, "steps": 2})
-    return Message(RecordDict({"arrays": to_array_record(state), "metrics": metrics}),
-                   reply_to=msg)
+    metrics = MetricRecord(
+        {
+            "num-examples": n,
+            "train-loss": loss,
+            "flops": 10,
+            "tokens": 5,
+            "peak-mem-bytes": 100 * node,
+            "mem-delta-bytes": 1,
+            "train-time-s": 0.5,
+            "steps": 2,
+        }
+    )
+    return Message(RecordDict({"arrays": to_array_record(state), "metrics": metrics}), reply_to=msg)
 
 
 def test_configure_train_sends_plan_and_global_round_to_every_client():
@@ -51,9 +59,15 @@ def test_configure_train_sends_plan_and_global_round_to_every_client():
 
 def test_configure_train_samples_clients_per_round_deterministically():
     strategy = _strategy("federation.clients_per_round=2")
-    picks = [sorted(m.metadata.dst_node_id for m in strategy.configure_train(
-        1, to_array_record({"a": torch.ones(1)}), ConfigRecord(), _Grid([3, 1, 2])))
-        for _ in range(2)]
+    picks = [
+        sorted(
+            m.metadata.dst_node_id
+            for m in strategy.configure_train(
+                1, to_array_record({"a": torch.ones(1)}), ConfigRecord(), _Grid([3, 1, 2])
+            )
+        )
+        for _ in range(2)
+    ]
     assert len(picks[0]) == 2 and picks[0] == picks[1]
 
 
@@ -86,6 +100,7 @@ def test_no_valid_reply_keeps_the_global_adapter():
     msg = Message(RecordDict({}), dst_node_id=9, message_type="train")
     msg.metadata.__dict__["_message_id"] = "m9"
     strategy = _strategy()
-    arrays, metrics = strategy.aggregate_train(1, [Message(Error(code=1, reason="x"),
-                                                           reply_to=msg)])
+    arrays, metrics = strategy.aggregate_train(
+        1, [Message(Error(code=1, reason="x"), reply_to=msg)]
+    )
     assert arrays is None and metrics is None

@@ -5,8 +5,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from devft.federation.grid import MeteredGrid
-from devft.federation.wire import (from_array_record, plan_from_config, plan_to_config,
-                                   to_array_record, wire_bytes)
+from devft.federation.wire import (
+    from_array_record,
+    plan_from_config,
+    plan_to_config,
+    to_array_record,
+    wire_bytes,
+)
 from devft.models.submodel import StagePlan
 
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
@@ -14,8 +19,10 @@ TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 def _state(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"layers.0.lora_A.weight": torch.randn(4, 64, generator=g),
-            "layers.0.lora_B.weight": torch.randn(64, 4, generator=g)}
+    return {
+        "layers.0.lora_A.weight": torch.randn(4, 64, generator=g),
+        "layers.0.lora_B.weight": torch.randn(64, 4, generator=g),
+    }
 
 
 def test_array_record_round_trip_is_float32_and_exact():
@@ -36,8 +43,9 @@ def test_stage_plan_round_trips_through_config_record():
 def test_wire_bytes_cover_the_tensors_sent_plus_small_overhead():
     state = _state()
     payload = sum(v.numel() * 4 for v in state.values())
-    msg = Message(RecordDict({"arrays": to_array_record(state)}), dst_node_id=1,
-                  message_type="train")
+    msg = Message(
+        RecordDict({"arrays": to_array_record(state)}), dst_node_id=1, message_type="train"
+    )
     size = wire_bytes(msg)
     assert payload <= size <= payload + 2000
 
@@ -52,8 +60,12 @@ class _EchoGrid:
         replies = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = f"id{m.metadata.dst_node_id}"
-            content = RecordDict({"arrays": to_array_record(self.reply_state),
-                                  "metrics": MetricRecord({"num-examples": 1})})
+            content = RecordDict(
+                {
+                    "arrays": to_array_record(self.reply_state),
+                    "metrics": MetricRecord({"num-examples": 1}),
+                }
+            )
             replies.append(Message(content, reply_to=m))
         return replies
 
@@ -61,8 +73,12 @@ class _EchoGrid:
 def test_metered_grid_counts_every_message_both_ways():
     down_state, up_state = _state(0), {"x": torch.zeros(1000)}
     grid = MeteredGrid(_EchoGrid(up_state))
-    msgs = [Message(RecordDict({"arrays": to_array_record(down_state)}), dst_node_id=n,
-                    message_type="train") for n in (1, 2, 3)]
+    msgs = [
+        Message(
+            RecordDict({"arrays": to_array_record(down_state)}), dst_node_id=n, message_type="train"
+        )
+        for n in (1, 2, 3)
+    ]
     expected_down = sum(wire_bytes(m) for m in msgs)
     replies = list(grid.send_and_receive(msgs))
     down, up, failed = grid.take_counts()

@@ -22,10 +22,18 @@ SETTINGS = LoraSettings(r=2, alpha=4, dropout=0.0)
 
 def stablelm(num_layers=3):
     """A decoder family that FAMILIES does not list."""
-    cfg = StableLmConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=num_layers, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    cfg = StableLmConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -51,18 +59,27 @@ def test_lora_prefix_matches_peft_state_dict_keys(family):
     assert keys
     for key in keys:
         assert key.startswith(adapter.lora_prefix()), key
-        assert key[len(adapter.lora_prefix()):].split(".")[0] in {"0", "1"}, key
+        assert key[len(adapter.lora_prefix()) :].split(".")[0] in {"0", "1"}, key
     # every default target is adapted in every layer (A and B each)
-    prefixes = {k[len(adapter.lora_prefix()):].split(".")[0] for k in keys}
+    prefixes = {k[len(adapter.lora_prefix()) :].split(".")[0] for k in keys}
     assert prefixes == {"0", "1"}
     for target in adapter.target_modules:
         assert any(f".{target}.lora_A." in k for k in keys), target
 
 
 def test_phi3_adapter_targets_its_fused_projections():
-    cfg = Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                     bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    cfg = Phi3Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     adapter = family_of(model)
     assert adapter.name == "phi3" and len(adapter.layers(model)) == 2
@@ -80,8 +97,15 @@ def test_detect_family_on_an_unlisted_model_type():
     assert adapter.name == "stablelm" and adapter.layers_path == "model.layers"
     assert adapter.layers(model) is model.model.layers
     assert adapter.layer_index_attrs == ("self_attn.layer_idx",)
-    assert set(adapter.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                           "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     keys = get_lora_state(attach_lora(model, SETTINGS, adapter))
     assert len(keys) == 3 * 7 * 2 and all(k.startswith(adapter.lora_prefix()) for k in keys)
 
@@ -94,8 +118,12 @@ def test_family_of_falls_back_to_detection_for_unregistered_types(monkeypatch):
 
     assert adapter is not None and adapter.layers_path == "gpt_neox.layers"
     assert adapter.layer_index_attrs == ("attention.layer_idx",)
-    assert set(adapter.target_modules) == {"query_key_value", "dense", "dense_h_to_4h",
-                                           "dense_4h_to_h"}
+    assert set(adapter.target_modules) == {
+        "query_key_value",
+        "dense",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
+    }
 
 
 def test_detect_family_without_a_layer_list_raises_model_error():

@@ -24,8 +24,10 @@ def peft():
 
 def set_random_b(peft, scale=0.5):
     gen = torch.Generator().manual_seed(3)
-    state = {k: v if "lora_A" in k else scale * torch.randn(v.shape, generator=gen)
-             for k, v in get_lora_state(peft).items()}
+    state = {
+        k: v if "lora_A" in k else scale * torch.randn(v.shape, generator=gen)
+        for k, v in get_lora_state(peft).items()
+    }
     set_lora_state(peft, state)
     return state
 
@@ -86,8 +88,9 @@ def test_hidden_similarity_is_a_cosine_matrix_of_layer_outputs(peft):
     # layer 0 vs 1 by hand: mean over real tokens of the per-token cosine;
     # hidden_states[k + 1] is layer k's output (before the final norm)
     with torch.no_grad():
-        hidden = peft(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      output_hidden_states=True).hidden_states
+        hidden = peft(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True
+        ).hidden_states
     mask = b["attention_mask"].bool()
     h0, h1 = hidden[1][mask].double(), hidden[2][mask].double()  # (N, d) real tokens
     per_token = (h0 * h1).sum(-1) / (h0.norm(dim=-1) * h1.norm(dim=-1))
@@ -102,8 +105,9 @@ def test_hidden_similarity_ignores_padded_positions(peft):
     extra = 7  # append padded columns holding arbitrary tokens
     padded = {
         "input_ids": torch.cat([b["input_ids"], torch.randint(0, 256, (2, extra))], dim=1),
-        "attention_mask": torch.cat([b["attention_mask"], torch.zeros(2, extra, dtype=torch.long)],
-                                    dim=1),
+        "attention_mask": torch.cat(
+            [b["attention_mask"], torch.zeros(2, extra, dtype=torch.long)], dim=1
+        ),
     }
 
     sim_padded = hidden_similarity(peft, family, padded)

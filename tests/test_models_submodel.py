@@ -61,6 +61,7 @@ def assert_base_unchanged(model, before):
 
 # ---- StagePlan ------------------------------------------------------------------------------
 
+
 def test_stage_plan_properties():
     plan = StagePlan(1, ((0, 1), (2,), (3,)), 0.1)
     assert plan.num_layers == 3 and not plan.is_full(4)
@@ -71,6 +72,7 @@ def test_stage_plan_properties():
 
 
 # ---- structure --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_submodel_has_one_reindexed_layer_per_group(family_name):
@@ -142,8 +144,10 @@ def test_one_layer_groups_share_storage_and_fused_ones_do_not(family_name):
     assert outside and all(p.data_ptr() in base_ptrs for p in outside)
     # frozen bytes: the base's, less the one layer that the fused group replaces
     layer_bytes = sum(p.numel() * p.element_size() for p in base_layers[1].parameters())
-    assert frozen_parameter_bytes(sub) == frozen_parameter_bytes(model.requires_grad_(False)) \
-        - layer_bytes
+    assert (
+        frozen_parameter_bytes(sub)
+        == frozen_parameter_bytes(model.requires_grad_(False)) - layer_bytes
+    )
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
@@ -177,9 +181,15 @@ def test_submodel_forward_loss_and_generate(family_name):
     torch.testing.assert_close(loss_sum / n, out.loss)
     # generate with the KV cache: each step's logits equal a cache-free forward's
     prompt = b["input_ids"][:1, :20]
-    gen = sub.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
-                       do_sample=False, output_logits=True, return_dict_in_generate=True,
-                       pad_token_id=257)
+    gen = sub.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=3,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=257,
+    )
     assert gen.sequences.shape == (1, 23)
     with torch.no_grad():
         full = sub(input_ids=gen.sequences, use_cache=False).logits
@@ -214,11 +224,22 @@ def test_base_frozen_and_bit_identical_after_build_and_a_training_step(family_na
 
 # ---- per-layer config -------------------------------------------------------------------------
 
+
 def olmo3_config(num_layers, layer_types):
-    return Olmo3Config(vocab_size=64, hidden_size=16, intermediate_size=32,
-                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=64, sliding_window=3, layer_types=layer_types,
-                       bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return Olmo3Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=3,
+        layer_types=layer_types,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
 
 
 def test_per_layer_attention_types_follow_the_groups():
@@ -230,8 +251,13 @@ def test_per_layer_attention_types_follow_the_groups():
     native = AutoModelForCausalLM.from_config(olmo3_config(2, types[1:3])).eval()
     state = {k: v for k, v in model.state_dict().items() if ".layers." not in k}
     for new, old in enumerate([1, 2]):
-        state.update({k.replace(f".layers.{old}.", f".layers.{new}."): v
-                      for k, v in model.state_dict().items() if f".layers.{old}." in k})
+        state.update(
+            {
+                k.replace(f".layers.{old}.", f".layers.{new}."): v
+                for k, v in model.state_dict().items()
+                if f".layers.{old}." in k
+            }
+        )
     native.load_state_dict(state)
     ids = torch.randint(2, 64, (2, 12))  # longer than the sliding window
 
@@ -247,10 +273,12 @@ def test_per_layer_attention_types_follow_the_groups():
 
 # ---- stage_model cache --------------------------------------------------------------------------
 
+
 def test_stage_model_is_cached_per_plan_and_ignores_beta_without_fusion():
     model = base_model("llama").requires_grad_(False)
-    base = BaseModel(model, byte_tokenizer(), family_of(model), "tiny-stage-cache",
-                     torch.device("cpu"))
+    base = BaseModel(
+        model, byte_tokenizer(), family_of(model), "tiny-stage-cache", torch.device("cpu")
+    )
     fused = StagePlan(1, ((0, 1), (2, 3)), 0.1)
 
     first = stage_model(base, fused, SETTINGS)

@@ -22,8 +22,13 @@ def test_heldout_loss_is_token_weighted_over_batches():
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(10)  # spread the per-batch losses apart
     small = make_batch([("What is 2+2?", "4")])
-    large = make_batch([("Name a river.", "The Amazon, the longest one"),
-                        ("Say a color.", "deep ocean blue"), ("Count.", "one two three four")])
+    large = make_batch(
+        [
+            ("Name a river.", "The Amazon, the longest one"),
+            ("Say a color.", "deep ocean blue"),
+            ("Count.", "one two three four"),
+        ]
+    )
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in (small, large)]
     with torch.no_grad():
         means = [full_logits_response_loss(model, b) for b in (small, large)]

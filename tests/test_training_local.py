@@ -11,9 +11,11 @@ from devft.training.accounting import attention_flops, estimate_train_flops
 from devft.training.evaluation import heldout_loss
 from devft.training.local import train_local
 
-RECORDS = [Record("What is 2+2?", "", "4", "m"),
-           Record("Name the capital.", "France", "Paris", "g"),
-           Record("Say a color.", "", "blue", "c")]
+RECORDS = [
+    Record("What is 2+2?", "", "4", "m"),
+    Record("Name the capital.", "France", "Paris", "g"),
+    Record("Say a color.", "", "blue", "c"),
+]
 
 
 def make_batch(records):
@@ -117,5 +119,8 @@ def test_flops_estimate_for_one_batch_by_hand():
     attn = 12 * b * t * t * 16 * 4
     assert attention_flops(b, t, 16, 4) == attn
     expected = 4 * 4 * layer * b * t + 6 * 4 * lora * b * t + 4 * head_params * n + attn
-    assert result.flops_est == expected == estimate_train_flops(4 * layer, 4 * lora, head_params,
-                                                                 b * t, n, attn)
+    assert (
+        result.flops_est
+        == expected
+        == estimate_train_flops(4 * layer, 4 * lora, head_params, b * t, n, attn)
+    )

@@ -10,9 +10,11 @@ from devft.models.families import family_of
 from devft.models.lora import attach_lora, get_lora_state, set_lora_state
 from devft.training.loss import full_logits_response_loss, response_loss
 
-RECORDS = [Record("What is 2+2?", "", "4", "m"),
-           Record("Name the capital.", "France", "Paris is the capital", "g"),
-           Record("Say a color.", "", "blue", "c")]
+RECORDS = [
+    Record("What is 2+2?", "", "4", "m"),
+    Record("Name the capital.", "France", "Paris is the capital", "g"),
+    Record("Say a color.", "", "blue", "c"),
+]
 
 
 def make_batch(records=RECORDS, max_len=96):
@@ -69,8 +71,10 @@ def test_gradients_flow_only_into_lora():
     model = tiny_model("llama", num_layers=2)
     peft = attach_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0), family_of(model))
     gen = torch.Generator().manual_seed(0)
-    set_lora_state(peft, {k: 0.1 * torch.randn(v.shape, generator=gen)
-                          for k, v in get_lora_state(peft).items()})
+    set_lora_state(
+        peft,
+        {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in get_lora_state(peft).items()},
+    )
     peft.train()
 
     loss_sum, n = response_loss(peft, make_batch())

@@ -31,30 +31,55 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   chat_template=CHATML)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        chat_template=CHATML,
+    )
 
 
 def tiny_config(family: str = "llama", num_layers: int = 4, vocab_size: int = 258):
     """Config of a tiny decoder of the given family (hidden 16)."""
     ids = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 257}
     if family == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                           num_hidden_layers=num_layers, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512,
-                           tie_word_embeddings=True, **ids)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            **ids,
+        )
     if family == "qwen2":
-        return Qwen2Config(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                           num_hidden_layers=num_layers, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512, **ids)
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **ids,
+        )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=num_layers, n_head=4,
-                          n_positions=512, **ids)
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=16, n_layer=num_layers, n_head=4, n_positions=512, **ids
+        )
     if family == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                             num_hidden_layers=num_layers, num_attention_heads=4,
-                             max_position_embeddings=512, **ids)
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            **ids,
+        )
     raise ValueError(family)
 
 

@@ -49,13 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("run", "run one method"), ("compare", "run methods side by side")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML config (default: built-in defaults)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set federation.num_clients=8")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set federation.num_clients=8",
+        )
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("-v", "--verbose", action="store_true")
     sub.choices["run"].add_argument("--method", help="shortcut for --set method=NAME")
-    sub.choices["compare"].add_argument("--methods", default="devft,fedit",
-                                        help="comma-separated methods (fedit is always added)")
+    sub.choices["compare"].add_argument(
+        "--methods", default="devft,fedit", help="comma-separated methods (fedit is always added)"
+    )
     return parser
 
 
@@ -90,7 +96,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             f"[bold]{summary['method']}[/]: held-out loss {summary['initial_eval_loss']:.4f} -> "
             f"{summary['final_eval_loss']:.4f} in {summary['rounds']} rounds, "
             f"{summary['total_bytes'] / 1e6:.1f} MB, {summary['wall_time_s']:.0f} s; "
-            f"outputs in {args.out}")
+            f"outputs in {args.out}"
+        )
         return 0
     from devft.comparison import compare_methods, comparison_table, parse_methods
 

@@ -23,7 +23,9 @@ def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if not methods or unknown:
-        raise ConfigError("--methods", text, f"comma-separated names from {', '.join(METHOD_NAMES)}")
+        raise ConfigError(
+            "--methods", text, f"comma-separated names from {', '.join(METHOD_NAMES)}"
+        )
     if BASELINE not in methods:
         methods.append(BASELINE)  # every comparison is against FedIT
     return list(dict.fromkeys(methods))
@@ -41,8 +43,10 @@ def compare_methods(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[s
     comparison = {
         "baseline": BASELINE,
         "target_eval_loss": baseline[-1]["eval_loss"],
-        "methods": {m: {"summary": summaries[m], "vs_fedit": against_baseline(runs[m], baseline)}
-                    for m in methods},
+        "methods": {
+            m: {"summary": summaries[m], "vs_fedit": against_baseline(runs[m], baseline)}
+            for m in methods
+        },
     }
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
     plot_comparison(runs, out_dir / "comparison.png", target=comparison["target_eval_loss"])
@@ -50,19 +54,36 @@ def compare_methods(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[s
 
 
 def comparison_table(comparison: dict[str, Any]) -> Table:
-    table = Table(title=f"held-out loss target = {BASELINE}'s final "
-                        f"({comparison['target_eval_loss']:.4f})")
-    for col in ("method", "rounds", "initial loss", "final loss", "Δ vs fedit", "MB up",
-                "MB down", "wall s", "time→target", "bytes→target"):
+    table = Table(
+        title=f"held-out loss target = {BASELINE}'s final ({comparison['target_eval_loss']:.4f})"
+    )
+    for col in (
+        "method",
+        "rounds",
+        "initial loss",
+        "final loss",
+        "Δ vs fedit",
+        "MB up",
+        "MB down",
+        "wall s",
+        "time→target",
+        "bytes→target",
+    ):
         table.add_column(col, justify="left" if col == "method" else "right")
     for method, entry in comparison["methods"].items():
         s, v = entry["summary"], entry["vs_fedit"]
         table.add_row(
-            method, str(s["rounds"]), f"{s['initial_eval_loss']:.4f}",
-            f"{s['final_eval_loss']:.4f}", f"{v['final_eval_loss_delta']:+.4f}",
-            f"{s['total_bytes_up'] / 1e6:.1f}", f"{s['total_bytes_down'] / 1e6:.1f}",
+            method,
+            str(s["rounds"]),
+            f"{s['initial_eval_loss']:.4f}",
+            f"{s['final_eval_loss']:.4f}",
+            f"{v['final_eval_loss_delta']:+.4f}",
+            f"{s['total_bytes_up'] / 1e6:.1f}",
+            f"{s['total_bytes_down'] / 1e6:.1f}",
             f"{s['wall_time_s']:.0f}",
-            _ratio(v["time_to_target_speedup"]), _ratio(v["bytes_to_target_reduction"]))
+            _ratio(v["time_to_target_speedup"]),
+            _ratio(v["bytes_to_target_reduction"]),
+        )
     return table
 
 

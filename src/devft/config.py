@@ -71,14 +71,27 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_seq_len >= 16, "data.max_seq_len", self.max_seq_len, "an integer >= 16")
-        _check(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction",
-               self.heldout_fraction, "a number in (0, 1)")
-        _check(self.eval_examples > 0, "data.eval_examples", self.eval_examples,
-               "a positive integer")
-        _check(self.eval_batch_size > 0, "data.eval_batch_size", self.eval_batch_size,
-               "a positive integer")
-        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha,
-               "a positive number")
+        _check(
+            0.0 < self.heldout_fraction < 1.0,
+            "data.heldout_fraction",
+            self.heldout_fraction,
+            "a number in (0, 1)",
+        )
+        _check(
+            self.eval_examples > 0, "data.eval_examples", self.eval_examples, "a positive integer"
+        )
+        _check(
+            self.eval_batch_size > 0,
+            "data.eval_batch_size",
+            self.eval_batch_size,
+            "a positive integer",
+        )
+        _check(
+            self.dirichlet_alpha > 0,
+            "data.dirichlet_alpha",
+            self.dirichlet_alpha,
+            "a positive number",
+        )
 
 
 @dataclass
@@ -93,10 +106,15 @@ class FederationConfig:
     simulation: Flower's Ray simulation runtime."""
 
     def __post_init__(self) -> None:
-        _check(self.num_clients >= 1, "federation.num_clients", self.num_clients,
-               "a positive integer")
-        _check(0 <= self.clients_per_round <= self.num_clients, "federation.clients_per_round",
-               self.clients_per_round, f"0 (all) up to federation.num_clients={self.num_clients}")
+        _check(
+            self.num_clients >= 1, "federation.num_clients", self.num_clients, "a positive integer"
+        )
+        _check(
+            0 <= self.clients_per_round <= self.num_clients,
+            "federation.clients_per_round",
+            self.clients_per_round,
+            f"0 (all) up to federation.num_clients={self.num_clients}",
+        )
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "a positive integer")
 
 
@@ -120,8 +138,12 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
         _check(self.lr > 0, "train.lr", self.lr, "a positive number")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
-        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm,
-               "a number >= 0 (0 disables clipping)")
+        _check(
+            self.max_grad_norm >= 0,
+            "train.max_grad_norm",
+            self.max_grad_norm,
+            "a number >= 0 (0 disables clipping)",
+        )
         _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0")
 
 
@@ -147,14 +169,27 @@ class DevFTConfig:
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "devft.num_stages", self.num_stages, "a positive integer")
         _check(0.0 <= self.beta <= 1.0, "devft.beta", self.beta, "a number in [0, 1]")
-        _check(all(s >= 1 for s in self.stages), "devft.stages", self.stages,
-               "positive layer counts")
-        _check(all(b > a for a, b in zip(self.stages, self.stages[1:])), "devft.stages",
-               self.stages, "strictly increasing layer counts ending at the model's depth")
-        _check(all(r >= 1 for r in self.rounds_per_stage), "devft.rounds_per_stage",
-               self.rounds_per_stage, "positive integers")
-        _check(self.calibration_examples >= 1, "devft.calibration_examples",
-               self.calibration_examples, "a positive integer")
+        _check(
+            all(s >= 1 for s in self.stages), "devft.stages", self.stages, "positive layer counts"
+        )
+        _check(
+            all(b > a for a, b in zip(self.stages, self.stages[1:])),
+            "devft.stages",
+            self.stages,
+            "strictly increasing layer counts ending at the model's depth",
+        )
+        _check(
+            all(r >= 1 for r in self.rounds_per_stage),
+            "devft.rounds_per_stage",
+            self.rounds_per_stage,
+            "positive integers",
+        )
+        _check(
+            self.calibration_examples >= 1,
+            "devft.calibration_examples",
+            self.calibration_examples,
+            "a positive integer",
+        )
 
 
 @dataclass
@@ -178,8 +213,9 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
-        _check(self.method in METHOD_NAMES, "method", self.method,
-               f"one of {', '.join(METHOD_NAMES)}")
+        _check(
+            self.method in METHOD_NAMES, "method", self.method, f"one of {', '.join(METHOD_NAMES)}"
+        )
 
     # ---- conversions -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -258,8 +294,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(prefix + unknown[0], data[unknown[0]],
-                          f"a known key of '{name}': {', '.join(fields)}")
+        raise ConfigError(
+            prefix + unknown[0], data[unknown[0]], f"a known key of '{name}': {', '.join(fields)}"
+        )
     kwargs = {key: _coerce(hints[key], value, prefix + key) for key, value in data.items()}
     return cls(**kwargs)
 
@@ -307,7 +344,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         _check(ok, key, value, "a number")
         return float(value)
     if tp is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, value,
-               "a string")
+        _check(
+            isinstance(value, (str, int, float)) and not isinstance(value, bool),
+            key,
+            value,
+            "a string",
+        )
         return str(value)
     raise TypeError(f"unsupported config field type {tp} for {key}")

@@ -31,12 +31,16 @@ class MethodSpec:
 
 METHODS: dict[str, MethodSpec] = {
     "fedit": MethodSpec(
-        "fedit", staged=False,
-        description="FedIT: FedAvg of LoRA A and B of the full model every round"),
+        "fedit",
+        staged=False,
+        description="FedIT: FedAvg of LoRA A and B of the full model every round",
+    ),
     "devft": MethodSpec(
-        "devft", staged=True,
+        "devft",
+        staged=True,
         description="DevFT: developmental stages, spectral grouping, differential fusion, "
-                    "LoRA transfer; FedAvg within stages"),
+        "LoRA transfer; FedAvg within stages",
+    ),
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

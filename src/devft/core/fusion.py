@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 FusionVariant = Literal["differential", "anchor", "average"]
 
 
-def fusion_coefficients(group_size: int, beta: float,
-                        variant: FusionVariant = "differential") -> list[float]:
+def fusion_coefficients(
+    group_size: int, beta: float, variant: FusionVariant = "differential"
+) -> list[float]:
     """Coefficient of each layer of a group, anchor first; they always sum to 1."""
     if variant == "differential":
         return [1.0 - beta * (group_size - 1)] + [beta] * (group_size - 1)
@@ -58,8 +59,9 @@ def fuse_group(states: list[StateDict], coefficients: list[float]) -> StateDict:
     return out
 
 
-def fuse_layers(layers: LayerStates, groups: Groups, beta: float,
-                variant: FusionVariant = "differential") -> LayerStates:
+def fuse_layers(
+    layers: LayerStates, groups: Groups, beta: float, variant: FusionVariant = "differential"
+) -> LayerStates:
     """One fused layer state per group, indexed 0..G-1 in group order.
 
     A one-layer group gives that layer's tensors unchanged (cloned). Logs a warning when the
@@ -69,7 +71,13 @@ def fuse_layers(layers: LayerStates, groups: Groups, beta: float,
     for n, group in enumerate(groups):
         coeffs = fusion_coefficients(len(group), beta, variant)
         if coeffs[0] < 0:
-            log.warning("group %s: anchor coefficient 1 - beta*(|g|-1) = %.2f is negative "
-                        "(beta=%g, |g|=%d)", group, coeffs[0], beta, len(group))
+            log.warning(
+                "group %s: anchor coefficient 1 - beta*(|g|-1) = %.2f is negative "
+                "(beta=%g, |g|=%d)",
+                group,
+                coeffs[0],
+                beta,
+                len(group),
+            )
         fused[n] = fuse_group([layers[i] for i in group], coeffs)
     return fused

@@ -100,11 +100,16 @@ def _groups_from_labels(labels: np.ndarray, k: int) -> Groups:
     clusters than k. Splitting the largest group in two by layer order keeps the contract
     "exactly k non-empty groups"; it is logged because it bypasses the spectral solution.
     """
-    groups = sorted((sorted(np.flatnonzero(labels == c).tolist()) for c in set(labels.tolist())),
-                    key=lambda g: g[0])
+    groups = sorted(
+        (sorted(np.flatnonzero(labels == c).tolist()) for c in set(labels.tolist())),
+        key=lambda g: g[0],
+    )
     if len(groups) < k:
-        log.warning("k-means found %d distinct groups for k=%d; splitting the largest groups",
-                    len(groups), k)
+        log.warning(
+            "k-means found %d distinct groups for k=%d; splitting the largest groups",
+            len(groups),
+            k,
+        )
     while len(groups) < k:
         largest = max(range(len(groups)), key=lambda i: (len(groups[i]), -groups[i][0]))
         g = groups.pop(largest)
@@ -122,6 +127,7 @@ def contiguous_groups(num_layers: int, k: int) -> Groups:
 
 def format_groups(groups: Groups) -> str:
     """Compact text form, e.g. "[0-2] [3-6] [7]" (runs of consecutive layers as ranges)."""
+
     def part(g: list[int]) -> str:
         runs, start = [], g[0]
         for a, b in zip(g, g[1:] + [None]):
@@ -129,4 +135,5 @@ def format_groups(groups: Groups) -> str:
                 runs.append(f"{start}" if start == a else f"{start}-{a}")
                 start = b
         return "[" + ",".join(runs) + "]"
+
     return " ".join(part(g) for g in groups)

@@ -19,7 +19,7 @@ def split_by_layer(state: StateDict, prefix: str) -> tuple[LayerStates, StateDic
     rest: StateDict = {}
     for key, value in state.items():
         if key.startswith(prefix):
-            index, _, suffix = key[len(prefix):].partition(".")
+            index, _, suffix = key[len(prefix) :].partition(".")
             if index.isdigit():
                 layers.setdefault(int(index), {})[suffix] = value
                 continue

@@ -28,8 +28,9 @@ def doubling_stages(num_layers: int, num_stages: int) -> list[int]:
 def split_rounds(total_rounds: int, num_stages: int) -> list[int]:
     """Split rounds evenly over stages; the remainder goes to the last stages (our reading)."""
     if total_rounds < num_stages:
-        raise ConfigError("federation.rounds", total_rounds,
-                          f"at least one round per stage ({num_stages} stages)")
+        raise ConfigError(
+            "federation.rounds", total_rounds, f"at least one round per stage ({num_stages} stages)"
+        )
     base, extra = divmod(total_rounds, num_stages)
     return [base + (1 if i >= num_stages - extra else 0) for i in range(num_stages)]
 
@@ -56,9 +57,12 @@ def build_schedule(
     counts = list(stages) or doubling_stages(num_layers, num_stages)
     allowed = f"strictly increasing layer counts ending at the model's depth ({num_layers})"
     if any(c > num_layers for c in counts):
-        raise ConfigError("devft.stages", counts,
-                          f"at most {num_layers} layers per stage (the model has {num_layers}); "
-                          "a stage cannot have more groups than layers")
+        raise ConfigError(
+            "devft.stages",
+            counts,
+            f"at most {num_layers} layers per stage (the model has {num_layers}); "
+            "a stage cannot have more groups than layers",
+        )
     if any(c < 1 for c in counts) or any(b <= a for a, b in zip(counts, counts[1:])):
         raise ConfigError("devft.stages", counts, allowed)
     if counts[-1] != num_layers:
@@ -70,8 +74,11 @@ def build_schedule(
     elif len(rounds_per_stage) == len(counts):
         rounds = list(rounds_per_stage)
     else:
-        raise ConfigError("devft.rounds_per_stage", rounds_per_stage,
-                          f"one number, or one per stage ({len(counts)} stages)")
+        raise ConfigError(
+            "devft.rounds_per_stage",
+            rounds_per_stage,
+            f"one number, or one per stage ({len(counts)} stages)",
+        )
     return [Stage(i, c, r) for i, (c, r) in enumerate(zip(counts, rounds))]
 
 

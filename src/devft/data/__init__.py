@@ -15,33 +15,53 @@ Heavy dependencies (datasets, flwr-datasets, torch) are imported only when used.
 
 from devft.data.federated import FederatedData, federated_data
 from devft.data.formatting import (
-                                   IGNORE_INDEX,
-                                   PLAIN_TEMPLATE,
-                                   Encoded,
-                                   collate,
-                                   encode,
-                                   length_sorted_batches,
-                                   prompt_messages,
-                                   prompt_text,
+    IGNORE_INDEX,
+    PLAIN_TEMPLATE,
+    Encoded,
+    collate,
+    encode,
+    length_sorted_batches,
+    prompt_messages,
+    prompt_text,
 )
 from devft.data.partition import PARTITION_SCHEMES, partition_indices
 from devft.data.records import BUNDLED_DATASETS, Record, load_records
 from devft.data.sharegpt import sharegpt_records
 from devft.data.splits import heldout_split, stratified_sample
 from devft.data.tasks import (
-                                   MC_TASKS,
-                                   TRAIN_TASKS,
-                                   UNSEEN_TASKS,
-                                   MCItem,
-                                   multiple_choice_items,
-                                   task_records,
-                                   unseen_task_records,
+    MC_TASKS,
+    TRAIN_TASKS,
+    UNSEEN_TASKS,
+    MCItem,
+    multiple_choice_items,
+    task_records,
+    unseen_task_records,
 )
 
 __all__ = [
-    "BUNDLED_DATASETS", "IGNORE_INDEX", "MC_TASKS", "PARTITION_SCHEMES", "PLAIN_TEMPLATE",
-    "TRAIN_TASKS", "UNSEEN_TASKS", "Encoded", "FederatedData", "MCItem", "Record", "collate",
-    "encode", "federated_data", "length_sorted_batches", "heldout_split", "load_records", "multiple_choice_items",
-    "partition_indices", "prompt_messages", "prompt_text", "sharegpt_records",
-    "stratified_sample", "task_records", "unseen_task_records",
+    "BUNDLED_DATASETS",
+    "IGNORE_INDEX",
+    "MC_TASKS",
+    "PARTITION_SCHEMES",
+    "PLAIN_TEMPLATE",
+    "TRAIN_TASKS",
+    "UNSEEN_TASKS",
+    "Encoded",
+    "FederatedData",
+    "MCItem",
+    "Record",
+    "collate",
+    "encode",
+    "federated_data",
+    "length_sorted_batches",
+    "heldout_split",
+    "load_records",
+    "multiple_choice_items",
+    "partition_indices",
+    "prompt_messages",
+    "prompt_text",
+    "sharegpt_records",
+    "stratified_sample",
+    "task_records",
+    "unseen_task_records",
 ]

@@ -38,24 +38,39 @@ class FederatedData:
         records = load_records(cfg.name)
         categories = [r.category for r in records]
         train, heldout = heldout_split(records, cfg.heldout_fraction, seed)
-        local = partition_indices([categories[i] for i in train], num_clients, cfg.partition,
-                                  cfg.dirichlet_alpha, seed)
+        local = partition_indices(
+            [categories[i] for i in train], num_clients, cfg.partition, cfg.dirichlet_alpha, seed
+        )
         partitions = [[train[j] for j in part] for part in local]
         eval_indices = stratified_sample(heldout, categories, cfg.eval_examples, seed)
         if len(eval_indices) < cfg.eval_examples:
-            log.warning("data.eval_examples=%d but only %d held-out rows; evaluating on all",
-                        cfg.eval_examples, len(eval_indices))
+            log.warning(
+                "data.eval_examples=%d but only %d held-out rows; evaluating on all",
+                cfg.eval_examples,
+                len(eval_indices),
+            )
         data = cls(records, train, heldout, partitions, eval_indices, seed)
-        log.info("data %s: %d records, %d categories, %d train / %d held-out, %d eval rows, "
-                 "%s partition over %d clients (sizes %s)", cfg.name, len(records),
-                 len(set(categories)), len(train), len(heldout), len(eval_indices),
-                 cfg.partition, num_clients, [len(p) for p in partitions])
+        log.info(
+            "data %s: %d records, %d categories, %d train / %d held-out, %d eval rows, "
+            "%s partition over %d clients (sizes %s)",
+            cfg.name,
+            len(records),
+            len(set(categories)),
+            len(train),
+            len(heldout),
+            len(eval_indices),
+            cfg.partition,
+            num_clients,
+            [len(p) for p in partitions],
+        )
         return data
 
     def __repr__(self) -> str:
-        return (f"FederatedData({len(self.records)} records, {len(self.train_indices)} train, "
-                f"{len(self.heldout_indices)} held-out, {len(self.eval_indices)} eval, "
-                f"client sizes {[len(p) for p in self.partitions]})")
+        return (
+            f"FederatedData({len(self.records)} records, {len(self.train_indices)} train, "
+            f"{len(self.heldout_indices)} held-out, {len(self.eval_indices)} eval, "
+            f"client sizes {[len(p) for p in self.partitions]})"
+        )
 
     @property
     def num_clients(self) -> int:
@@ -79,8 +94,9 @@ class FederatedData:
             out += stratified_sample(self.eval_indices, categories, n - len(out), self.seed + 1)
         return out
 
-    def client_batches(self, client: int, round: int, steps: int, batch_size: int,
-                       seed: int) -> list[list[Record]]:
+    def client_batches(
+        self, client: int, round: int, steps: int, batch_size: int, seed: int
+    ) -> list[list[Record]]:
         """`steps` batches of `batch_size` records from the client's partition.
 
         Deterministic for (seed, client, round); rows are drawn without replacement within the
@@ -96,15 +112,16 @@ class FederatedData:
         rng = np.random.default_rng([seed_key(seed), client, seed_key(round)])
         picks = rng.choice(len(part), size=need, replace=len(part) < need)
         rows = [self.records[part[j]] for j in picks.tolist()]
-        return [rows[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+        return [rows[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
 
     def partition_summary(self) -> list[dict[str, Any]]:
         """Per client: its size and how many rows of each category it holds."""
         out = []
         for client, part in enumerate(self.partitions):
             counts = Counter(self.records[i].category for i in part)
-            out.append({"client": client, "size": len(part),
-                        "categories": dict(sorted(counts.items()))})
+            out.append(
+                {"client": client, "size": len(part), "categories": dict(sorted(counts.items()))}
+            )
         return out
 
 
@@ -122,14 +139,26 @@ def _source_key(name: str) -> tuple[Any, ...]:
 
 def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
     """`FederatedData.build`, cached per process on the config fields it depends on."""
-    key = (_source_key(cfg.name), float(cfg.heldout_fraction), int(cfg.eval_examples),
-           cfg.partition, float(cfg.dirichlet_alpha), int(num_clients), int(seed))
+    key = (
+        _source_key(cfg.name),
+        float(cfg.heldout_fraction),
+        int(cfg.eval_examples),
+        cfg.partition,
+        float(cfg.dirichlet_alpha),
+        int(num_clients),
+        int(seed),
+    )
     return _cached_build(key, cfg.name)
 
 
 @lru_cache(maxsize=8)
 def _cached_build(key: tuple[Any, ...], name: str) -> FederatedData:
     _, fraction, eval_examples, partition, alpha, num_clients, seed = key
-    cfg = DataConfig(name=name, heldout_fraction=fraction, eval_examples=eval_examples,
-                     partition=partition, dirichlet_alpha=alpha)
+    cfg = DataConfig(
+        name=name,
+        heldout_fraction=fraction,
+        eval_examples=eval_examples,
+        partition=partition,
+        dirichlet_alpha=alpha,
+    )
     return FederatedData.build(cfg, num_clients, seed)

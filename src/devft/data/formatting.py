@@ -80,9 +80,10 @@ def encode(record: Record, tokenizer: Any, max_len: int) -> Encoded:
         budget = max_len - len(response)
         if len(prompt) > budget:
             head = prefix[:1] if prefix and budget > 1 else []
-            prompt = head + prompt[len(prompt) - (budget - len(head)):]
-    return Encoded(input_ids=prompt + response,
-                   labels=[IGNORE_INDEX] * len(prompt) + list(response))
+            prompt = head + prompt[len(prompt) - (budget - len(head)) :]
+    return Encoded(
+        input_ids=prompt + response, labels=[IGNORE_INDEX] * len(prompt) + list(response)
+    )
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -104,9 +105,11 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def length_sorted_batches(examples: list[Encoded], batch_size: int,
-                          pad_id: int) -> list[dict[str, torch.Tensor]]:
+def length_sorted_batches(
+    examples: list[Encoded], batch_size: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
     """Collated batches of examples sorted by length (little padding; for evaluation)."""
     ordered = sorted(examples, key=lambda e: len(e.input_ids))
-    return [collate(ordered[i:i + batch_size], pad_id)
-            for i in range(0, len(ordered), batch_size)]
+    return [
+        collate(ordered[i : i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)
+    ]

@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 PARTITION_SCHEMES = ("iid", "dirichlet")
 
 
-def partition_indices(categories: Sequence[str], num_clients: int, scheme: str, alpha: float,
-                      seed: int) -> list[list[int]]:
+def partition_indices(
+    categories: Sequence[str], num_clients: int, scheme: str, alpha: float, seed: int
+) -> list[list[int]]:
     """Positions 0..len(categories)-1 split over `num_clients` clients (sorted lists).
 
     iid: a seeded shuffle cut into equal contiguous shards (`IidPartitioner`).
@@ -28,8 +29,10 @@ def partition_indices(categories: Sequence[str], num_clients: int, scheme: str, 
     if num_clients < 1:
         raise ConfigError("federation.num_clients", num_clients, "a positive integer")
     if n < num_clients:
-        raise DataError(f"only {n} training rows for federation.num_clients={num_clients}: every "
-                        f"client needs at least one row (use fewer clients or more data)")
+        raise DataError(
+            f"only {n} training rows for federation.num_clients={num_clients}: every "
+            f"client needs at least one row (use fewer clients or more data)"
+        )
     if scheme == "iid":
         parts = _iid(categories, num_clients, seed)
     elif scheme == "dirichlet":
@@ -39,16 +42,22 @@ def partition_indices(categories: Sequence[str], num_clients: int, scheme: str, 
     else:
         raise ConfigError("data.partition", scheme, f"one of {', '.join(PARTITION_SCHEMES)}")
     assert sum(len(p) for p in parts) == n and min(len(p) for p in parts) >= 1
-    log.info("%s partition of %d rows over %d clients: sizes %s", scheme, n, num_clients,
-             [len(p) for p in parts])
+    log.info(
+        "%s partition of %d rows over %d clients: sizes %s",
+        scheme,
+        n,
+        num_clients,
+        [len(p) for p in parts],
+    )
     return parts
 
 
 def _dataset(positions: Sequence[int], categories: Sequence[str]):
     import datasets
 
-    return datasets.Dataset.from_dict({"idx": [int(i) for i in positions],
-                                       "category": [categories[i] for i in positions]})
+    return datasets.Dataset.from_dict(
+        {"idx": [int(i) for i in positions], "category": [categories[i] for i in positions]}
+    )
 
 
 def _positions(partition) -> list[int]:
@@ -66,8 +75,9 @@ def _iid(categories: Sequence[str], num_clients: int, seed: int) -> list[list[in
     return [_positions(partitioner.load_partition(i)) for i in range(num_clients)]
 
 
-def _dirichlet(categories: Sequence[str], num_clients: int, alpha: float,
-               seed: int) -> list[list[int]]:
+def _dirichlet(
+    categories: Sequence[str], num_clients: int, alpha: float, seed: int
+) -> list[list[int]]:
     """DirichletPartitioner; it resamples up to 10 times when a client is below
     min_partition_size and then raises ValueError. We retry with smaller minimums and, last,
     with no minimum plus a deterministic repair that moves rows into empty clients."""
@@ -78,18 +88,26 @@ def _dirichlet(categories: Sequence[str], num_clients: int, alpha: float,
     preferred = max(1, min(5, n // num_clients))
     for min_size in dict.fromkeys((preferred, 1, 0)):
         partitioner = DirichletPartitioner(
-            num_partitions=num_clients, partition_by="category", alpha=float(alpha),
-            min_partition_size=min_size, self_balancing=False, shuffle=True,
-            seed=seed_key(seed))
+            num_partitions=num_clients,
+            partition_by="category",
+            alpha=float(alpha),
+            min_partition_size=min_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed_key(seed),
+        )
         partitioner.dataset = ds
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                parts = [_positions(partitioner.load_partition(i))
-                         for i in range(num_clients)]
+                parts = [_positions(partitioner.load_partition(i)) for i in range(num_clients)]
             except ValueError as exc:
-                log.info("Dirichlet partition with min_partition_size=%d failed after "
-                         "retries (%s); trying a smaller minimum", min_size, exc)
+                log.info(
+                    "Dirichlet partition with min_partition_size=%d failed after "
+                    "retries (%s); trying a smaller minimum",
+                    min_size,
+                    exc,
+                )
                 continue
         if caught:
             log.debug("Dirichlet partitioner resampled %d times", len(caught))

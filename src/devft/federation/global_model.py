@@ -46,15 +46,17 @@ class GlobalModel:
         encoded = [encode(self.data.records[i], tok, max_len) for i in self.data.eval_indices]
         self.eval_batches = length_sorted_batches(encoded, bs, tok.pad_token_id)
         calib = self.data.calibration_indices(cfg.devft.calibration_examples)
-        self.calibration = collate([encode(self.data.records[i], tok, max_len) for i in calib],
-                                   tok.pad_token_id)
+        self.calibration = collate(
+            [encode(self.data.records[i], tok, max_len) for i in calib], tok.pad_token_id
+        )
 
     def schedule(self) -> list[Stage]:
         if not self.method.staged:
             return full_model_schedule(self.depth, self.cfg.federation.rounds)
         d = self.cfg.devft
-        return build_schedule(self.depth, d.stages, d.num_stages, d.rounds_per_stage,
-                              self.cfg.federation.rounds)
+        return build_schedule(
+            self.depth, d.stages, d.num_stages, d.rounds_per_stage, self.cfg.federation.rounds
+        )
 
     # ---- stage operations ----------------------------------------------------------------
     def similarity(self) -> torch.Tensor:
@@ -62,8 +64,9 @@ class GlobalModel:
         set_lora_state(self.full, self.lora)
         if self.cfg.devft.similarity == "weights":
             return weight_similarity(self.full, self.base.family)
-        return hidden_similarity(self.full, self.base.family, self.calibration,
-                                 self.cfg.train.precision)
+        return hidden_similarity(
+            self.full, self.base.family, self.calibration, self.cfg.train.precision
+        )
 
     def group(self, k: int) -> Groups:
         if k == self.depth:
@@ -74,12 +77,14 @@ class GlobalModel:
     def plan_stage(self, stage: Stage) -> tuple[StagePlan, StateDict]:
         """The stage's plan (groups, fusion) and its submodel's initial LoRA."""
         groups = self.group(stage.num_layers)
-        plan = StagePlan(stage.index, tuple(tuple(g) for g in groups), self.cfg.devft.beta,
-                         self.method.fusion)
+        plan = StagePlan(
+            stage.index, tuple(tuple(g) for g in groups), self.cfg.devft.beta, self.method.fusion
+        )
         layers, rest = split_by_layer(self.lora, self.prefix)
         fused = fuse_layers(layers, groups, plan.beta, plan.fusion)
-        log.info("stage %d: %d layers, groups %s", stage.index, stage.num_layers,
-                 format_groups(groups))
+        log.info(
+            "stage %d: %d layers, groups %s", stage.index, stage.num_layers, format_groups(groups)
+        )
         return plan, join_layers(fused, self.prefix, rest)
 
     def absorb(self, plan: StagePlan, sub_lora: StateDict) -> None:

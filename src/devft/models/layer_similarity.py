@@ -25,7 +25,9 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
     weight = module.get_base_layer().weight.detach().float()
     for adapter in module.active_adapters:
         if adapter in module.lora_A:
-            weight = weight + module.get_delta_weight(adapter).detach().float().reshape(weight.shape)
+            weight = weight + module.get_delta_weight(adapter).detach().float().reshape(
+                weight.shape
+            )
     return weight
 
 
@@ -33,8 +35,10 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
 def weight_similarity(model: PeftModel, family: Family) -> torch.Tensor:
     """(L, L) cosine similarity of the layers' effective weights (accumulated Gram matrix)."""
     layers = family.layers(model.base_model.model)
-    per_layer = [{name: m for name, m in layer.named_modules() if isinstance(m, LoraLayer)}
-                 for layer in layers]
+    per_layer = [
+        {name: m for name, m in layer.named_modules() if isinstance(m, LoraLayer)}
+        for layer in layers
+    ]
     gram = torch.zeros(len(layers), len(layers), dtype=torch.float64)
     for name in per_layer[0]:
         flat = torch.stack([_effective_weight(mods[name]).flatten() for mods in per_layer])
@@ -43,8 +47,9 @@ def weight_similarity(model: PeftModel, family: Family) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hidden_similarity(model: PeftModel, family: Family, batch: dict[str, torch.Tensor],
-                      precision: str = "fp32") -> torch.Tensor:
+def hidden_similarity(
+    model: PeftModel, family: Family, batch: dict[str, torch.Tensor], precision: str = "fp32"
+) -> torch.Tensor:
     """(L, L) cosine similarity of each layer's output hidden states on `batch`."""
     layers = family.layers(model.base_model.model)
     outputs: list[torch.Tensor] = [torch.empty(0)] * len(layers)
@@ -54,6 +59,7 @@ def hidden_similarity(model: PeftModel, family: Family, batch: dict[str, torch.T
         def capture(_module: nn.Module, _inputs: object, output: object) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
             outputs[index] = hidden.detach().float()[mask].cpu()  # (N, d) real tokens
+
         return capture
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -61,8 +67,11 @@ def hidden_similarity(model: PeftModel, family: Family, batch: dict[str, torch.T
     try:
         model.eval()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            model(input_ids=batch["input_ids"].to(device),
-                  attention_mask=batch["attention_mask"].to(device), logits_to_keep=1)
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                logits_to_keep=1,
+            )
     finally:
         for h in handles:
             h.remove()

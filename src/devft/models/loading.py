@@ -64,9 +64,12 @@ def resolve_model_path(path: str) -> str:
         return str(local)
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise ConfigError("model.path", path,
-                          f"a bundled model ({', '.join(BUNDLED)}), an existing local directory, "
-                          "or a hub id like org/name")
+        raise ConfigError(
+            "model.path",
+            path,
+            f"a bundled model ({', '.join(BUNDLED)}), an existing local directory, "
+            "or a hub id like org/name",
+        )
     return path
 
 
@@ -76,8 +79,9 @@ def check_model_config(path: str) -> AutoConfig:
     try:
         return AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as err:
-        raise ConfigError("model.path", path,
-                          f"a model that can be loaded (loading its config failed: {err})") from None
+        raise ConfigError(
+            "model.path", path, f"a model that can be loaded (loading its config failed: {err})"
+        ) from None
 
 
 @functools.lru_cache(maxsize=2)

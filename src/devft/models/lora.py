@@ -32,17 +32,28 @@ def target_modules(settings: LoraSettings, family: Family, model: nn.Module) -> 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = [t for t in targets if t not in present]
     if unknown:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in family.layers(model)[0].named_modules()
-                         if n and not list(m.children())})
-        raise ConfigError("lora.target_modules", unknown,
-                          f"module names of this model, e.g. {', '.join(linear)}")
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in family.layers(model)[0].named_modules()
+                if n and not list(m.children())
+            }
+        )
+        raise ConfigError(
+            "lora.target_modules", unknown, f"module names of this model, e.g. {', '.join(linear)}"
+        )
     return targets
 
 
 def peft_config(settings: LoraSettings, family: Family, model: nn.Module) -> LoraConfig:
-    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=target_modules(settings, family, model),
-                      task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target_modules(settings, family, model),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings, family: Family) -> PeftModel:
@@ -56,7 +67,9 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, family: Family) 
 
 def get_lora_state(model: PeftModel) -> StateDict:
     """A detached float32 copy of the adapter tensors."""
-    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {
+        k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()
+    }
 
 
 def set_lora_state(model: PeftModel, state: StateDict) -> None:
@@ -64,8 +77,10 @@ def set_lora_state(model: PeftModel, state: StateDict) -> None:
     expected = set(get_peft_model_state_dict(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"LoRA state does not match the model: missing {missing[:3]}, "
-                         f"extra {extra[:3]} ({len(missing)} missing, {len(extra)} extra)")
+        raise ValueError(
+            f"LoRA state does not match the model: missing {missing[:3]}, "
+            f"extra {extra[:3]} ({len(missing)} missing, {len(extra)} extra)"
+        )
     result = set_peft_model_state_dict(model, state)
     assert not result.unexpected_keys, result.unexpected_keys
 

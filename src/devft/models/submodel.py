@@ -56,13 +56,19 @@ def _shared_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module:
     return copy.deepcopy(module, memo=dict(shared))
 
 
-def build_submodel(model: PreTrainedModel, family: Family, groups: Groups, beta: float,
-                   fusion: FusionVariant = "differential") -> PreTrainedModel:
+def build_submodel(
+    model: PreTrainedModel,
+    family: Family,
+    groups: Groups,
+    beta: float,
+    fusion: FusionVariant = "differential",
+) -> PreTrainedModel:
     """An L_s-layer model: layer n is group n's fusion (or the layer itself if |g| = 1)."""
     layers = family.layers(model)
     config = _sub_config(model.config, family, groups, len(layers))
-    shared: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(),
-                                                                  model.buffers())}
+    shared: dict[int, object] = {
+        id(t): t for t in itertools.chain(model.parameters(), model.buffers())
+    }
     # every module that holds the base config (the inner decoder reads its own `config` for
     # the layer count and per-layer attention types) gets the submodel's config instead
     shared[id(model.config)] = config
@@ -89,8 +95,9 @@ def build_submodel(model: PreTrainedModel, family: Family, groups: Groups, beta:
     return sub
 
 
-def _sub_config(base_config: PreTrainedConfig, family: Family, groups: Groups,
-                depth: int) -> PreTrainedConfig:
+def _sub_config(
+    base_config: PreTrainedConfig, family: Family, groups: Groups, depth: int
+) -> PreTrainedConfig:
     """The base config with the submodel's layer count and per-layer lists (anchor's entry)."""
     config = copy.deepcopy(base_config)
     setattr(config, family.num_layers_attr, len(groups))
@@ -102,8 +109,9 @@ def _sub_config(base_config: PreTrainedConfig, family: Family, groups: Groups,
 
 
 @functools.lru_cache(maxsize=3)
-def _cached_stage_model(base_key: tuple, groups: tuple, beta: float, fusion: str,
-                        lora_key: tuple) -> PeftModel:
+def _cached_stage_model(
+    base_key: tuple, groups: tuple, beta: float, fusion: str, lora_key: tuple
+) -> PeftModel:
     base = _BASES[base_key]
     r, alpha, dropout, targets = lora_key
     settings = LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets))

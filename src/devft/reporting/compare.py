@@ -13,8 +13,9 @@ def first_reaching(records: list[dict[str, Any]], target: float) -> dict[str, An
     return None
 
 
-def against_baseline(records: list[dict[str, Any]], baseline: list[dict[str, Any]]
-                     ) -> dict[str, Any]:
+def against_baseline(
+    records: list[dict[str, Any]], baseline: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Speed-up and byte reduction to the baseline's final loss, and the final-loss delta.
 
     time_to_target_speedup = baseline's time to target / this method's time to target, where

@@ -28,8 +28,15 @@ def _shade_stages(ax, records: list[dict[str, Any]]) -> None:
     for i, (stage, first, last) in enumerate(_stage_bounds(records)):
         layers = next(r["layers_trained"] for r in records if r["round"] == first)
         ax.axvspan(first - 0.5, last + 0.5, color=f"C{i % 10}", alpha=0.06)
-        ax.text((first + last) / 2, 1.0, f"S{stage}: {layers}L", ha="center", va="bottom",
-                transform=ax.get_xaxis_transform(), fontsize=8)
+        ax.text(
+            (first + last) / 2,
+            1.0,
+            f"S{stage}: {layers}L",
+            ha="center",
+            va="bottom",
+            transform=ax.get_xaxis_transform(),
+            fontsize=8,
+        )
 
 
 def plot_run(records: list[dict[str, Any]], path: Path) -> None:
@@ -37,10 +44,16 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> None:
     clients actually train (the stage submodel): its held-out loss and the clients' train loss.
     """
     fig, (full_ax, sub_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
-    full_ax.plot([r["round"] for r in records], [r["eval_loss"] for r in records], "o-",
-                 label="held-out loss, full model + global LoRA")
-    sub = [(r["round"], r["sub_eval_loss"] if r.get("sub_eval_loss") is not None
-            else r["eval_loss"]) for r in records]
+    full_ax.plot(
+        [r["round"] for r in records],
+        [r["eval_loss"] for r in records],
+        "o-",
+        label="held-out loss, full model + global LoRA",
+    )
+    sub = [
+        (r["round"], r["sub_eval_loss"] if r.get("sub_eval_loss") is not None else r["eval_loss"])
+        for r in records
+    ]
     sub_ax.plot(*zip(*sub), "s-", label="held-out loss, trained (sub)model")
     train = [(r["round"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     if train:
@@ -58,16 +71,26 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_comparison(runs: dict[str, list[dict[str, Any]]], path: Path,
-                    target: float | None = None) -> None:
+def plot_comparison(
+    runs: dict[str, list[dict[str, Any]]], path: Path, target: float | None = None
+) -> None:
     """Held-out loss of each method against round, cumulative bytes and wall time."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    xs = [("round", "round", 1), ("cum_bytes", "communication (MB, up + down)", 1e6),
-          ("wall_time_s", "wall time (s, excl. evaluation)", 1)]
+    xs = [
+        ("round", "round", 1),
+        ("cum_bytes", "communication (MB, up + down)", 1e6),
+        ("wall_time_s", "wall time (s, excl. evaluation)", 1),
+    ]
     for ax, (key, label, scale) in zip(axes, xs):
         for i, (method, records) in enumerate(runs.items()):
-            ax.plot([r[key] / scale for r in records], [r["eval_loss"] for r in records],
-                    "o-", ms=3, color=f"C{i % 10}", label=method)
+            ax.plot(
+                [r[key] / scale for r in records],
+                [r["eval_loss"] for r in records],
+                "o-",
+                ms=3,
+                color=f"C{i % 10}",
+                label=method,
+            )
         if target is not None:
             ax.axhline(target, color="grey", ls="--", lw=0.8, label="target (FedIT final)")
         ax.set_xlabel(label)

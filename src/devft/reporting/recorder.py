@@ -45,10 +45,12 @@ class RunRecorder:
         finally:
             self.eval_time += time.perf_counter() - t
 
-    def stage_started(self, stage: int, num_layers: int, rounds: int,
-                      groups: list[list[int]]) -> None:
-        self.stages.append({"stage": stage, "num_layers": num_layers, "rounds": rounds,
-                            "groups": groups})
+    def stage_started(
+        self, stage: int, num_layers: int, rounds: int, groups: list[list[int]]
+    ) -> None:
+        self.stages.append(
+            {"stage": stage, "num_layers": num_layers, "rounds": rounds, "groups": groups}
+        )
 
     def record_round(self, record: dict[str, Any]) -> dict[str, Any]:
         """Add cumulative counters and timing to `record` and append it to metrics.jsonl."""

@@ -13,16 +13,18 @@ from torch import nn
 
 def matmul_params(module: nn.Module) -> int:
     """Elements of the 2-D weight matrices under `module` (LoRA factors excluded)."""
-    return sum(p.numel() for name, p in module.named_parameters()
-               if p.dim() == 2 and "lora_" not in name)
+    return sum(
+        p.numel() for name, p in module.named_parameters() if p.dim() == 2 and "lora_" not in name
+    )
 
 
 def lora_params(module: nn.Module) -> int:
     return sum(p.numel() for name, p in module.named_parameters() if "lora_" in name)
 
 
-def estimate_train_flops(layer_params: int, lora: int, head_params: int, tokens: int,
-                         head_tokens: int, attn_flops: int) -> int:
+def estimate_train_flops(
+    layer_params: int, lora: int, head_params: int, tokens: int, head_tokens: int, attn_flops: int
+) -> int:
     """FLOPs of forward + backward with frozen base weights and trainable LoRA.
 
     Frozen matmuls cost 2·N·T forward and 2·N·T backward (input gradients only); LoRA factors
@@ -30,7 +32,9 @@ def estimate_train_flops(layer_params: int, lora: int, head_params: int, tokens:
     (response positions); `attn_flops` is the score/value matmuls' cost (see `attention_flops`).
     Elementwise work (norms, activations, softmax) is not counted.
     """
-    return 4 * layer_params * tokens + 6 * lora * tokens + 4 * head_params * head_tokens + attn_flops
+    return (
+        4 * layer_params * tokens + 6 * lora * tokens + 4 * head_params * head_tokens + attn_flops
+    )
 
 
 def attention_flops(batch: int, seq_len: int, hidden: int, num_layers: int) -> int:
@@ -44,6 +48,7 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):  # not Linux
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -75,8 +80,12 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, _rss_bytes())
             time.sleep(self.interval)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:

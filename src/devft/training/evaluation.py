@@ -12,8 +12,9 @@ from devft.training.loss import response_loss
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
-                 precision: str = "fp32") -> float:
+def heldout_loss(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], precision: str = "fp32"
+) -> float:
     """Mean cross-entropy per response token over all `batches` (nan if there are none)."""
     model.eval()
     total, count = 0.0, 0

@@ -36,9 +36,16 @@ class LocalResult:
     flops_est: int
 
 
-def train_local(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], cfg: TrainConfig,
-                layers: nn.Module, head: nn.Module, seed: int, progress: bool = False,
-                desc: str = "local steps") -> LocalResult:
+def train_local(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    layers: nn.Module,
+    head: nn.Module,
+    seed: int,
+    progress: bool = False,
+    desc: str = "local steps",
+) -> LocalResult:
     """Run one optimizer step per batch on the trainable (LoRA) parameters of `model`.
 
     A fresh AdamW each round (the usual federated practice). Dropout draws from a private RNG
@@ -72,11 +79,18 @@ def train_local(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], cf
             b, t = batch["input_ids"].shape
             n_tok = int(batch["attention_mask"].sum())
             tokens, resp_tokens, examples = tokens + n_tok, resp_tokens + n, examples + b
-            flops += estimate_train_flops(n_layer, n_lora, n_head, b * t, n,
-                                          attention_flops(b, t, hidden, len(layers)))
+            flops += estimate_train_flops(
+                n_layer, n_lora, n_head, b * t, n, attention_flops(b, t, hidden, len(layers))
+            )
     model.eval()
     return LocalResult(
-        steps=len(losses), examples=examples, tokens=tokens, response_tokens=resp_tokens,
+        steps=len(losses),
+        examples=examples,
+        tokens=tokens,
+        response_tokens=resp_tokens,
         mean_loss=sum(losses) / len(losses) if losses else float("nan"),
-        train_time_s=time.perf_counter() - start, peak_mem_bytes=mem.peak_bytes,
-        mem_delta_bytes=max(0, mem.peak_bytes - mem.start_bytes), flops_est=flops)
+        train_time_s=time.perf_counter() - start,
+        peak_mem_bytes=mem.peak_bytes,
+        mem_delta_bytes=max(0, mem.peak_bytes - mem.start_bytes),
+        flops_est=flops,
+    )

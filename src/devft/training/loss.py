@@ -24,8 +24,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def response_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-                  precision: str = "fp32") -> tuple[torch.Tensor, int]:
+def response_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], precision: str = "fp32"
+) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over response tokens, number of such tokens).
 
     Args:
@@ -40,8 +41,12 @@ def response_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     if targets.numel() == 0:
         return torch.zeros((), device=device, requires_grad=model.training), 0
     with autocast(device, precision):
-        out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                    logits_to_keep=keep, use_cache=False)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=batch["attention_mask"].to(device),
+            logits_to_keep=keep,
+            use_cache=False,
+        )
     logits = out.logits.reshape(-1, out.logits.shape[-1])  # (N, V)
     loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
     return loss_sum, int(targets.numel())
