@@ -8,6 +8,7 @@ from devft.config import load_config
 from devft.federation.strategy import StagedStrategy
 from devft.federation.wire import from_array_record, plan_from_config, to_array_record
 from devft.models.submodel import StagePlan
+from devft.rules import make_rule
 
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
@@ -22,8 +23,12 @@ class _Grid:
 
 def _strategy(*overrides):
     cfg = load_config(None, ["federation.num_clients=3", *overrides])
-    strategy = StagedStrategy(cfg)
-    strategy.begin_stage(StagePlan(1, ((0, 1), (2,)), 0.1), round_offset=5)
+    rule = make_rule(cfg)
+    strategy = StagedStrategy(cfg, rule, on_aggregated=lambda: None)
+    plan = StagePlan(1, ((0, 1), (2,)), 0.1)
+    rule.start_stage({"a": torch.ones(2)}, plan)
+    strategy.begin_stage(plan, round_offset=5)
+    strategy._nodes(_Grid([1, 2, 9]))
     return strategy
 
 

@@ -47,11 +47,16 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=list)
     """Module names to adapt; empty = all attention and MLP projections of the model family."""
+    client_ranks: list[int] = field(default_factory=list)
+    """Per-client ranks (cycled over clients) for HetLoRA and FLoRA; each at most r.
+    Empty: FLoRA uses r for everyone, HetLoRA cycles r/4, r/2, 3r/4, r."""
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", self.r, "a positive integer")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "a positive number")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a number in [0, 1)")
+        _check(all(0 < k <= self.r for k in self.client_ranks), "lora.client_ranks",
+               self.client_ranks, f"ranks between 1 and lora.r={self.r}")
 
 
 @dataclass
@@ -193,6 +198,33 @@ class DevFTConfig:
 
 
 @dataclass
+class DoFITConfig:
+    domains: int = 2
+    """Pseudo-domains the clients are split into (our reading for one data pool)."""
+    topk: int = 15
+    """Tensors per domain considered important (the official code's hard-coded 15)."""
+    scale: float = 1.0
+    """Proximal perturbation scale s."""
+
+    def __post_init__(self) -> None:
+        _check(self.domains >= 1, "dofit.domains", self.domains, "a positive integer")
+        _check(self.topk >= 1, "dofit.topk", self.topk, "a positive integer")
+        _check(self.scale >= 0, "dofit.scale", self.scale, "a number >= 0")
+
+
+@dataclass
+class C2AConfig:
+    embed_dim: int = 8
+    """Size t of the client/layer/module embeddings fed to the hypernetwork."""
+    hidden_dim: int = 32
+    """Width c of the factorized generator (L @ H)."""
+
+    def __post_init__(self) -> None:
+        _check(self.embed_dim >= 1, "c2a.embed_dim", self.embed_dim, "a positive integer")
+        _check(self.hidden_dim >= 1, "c2a.hidden_dim", self.hidden_dim, "a positive integer")
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/latest"
     progress: bool = True
@@ -210,6 +242,8 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     devft: DevFTConfig = field(default_factory=DevFTConfig)
+    dofit: DoFITConfig = field(default_factory=DoFITConfig)
+    c2a: C2AConfig = field(default_factory=C2AConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:

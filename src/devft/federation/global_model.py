@@ -14,18 +14,19 @@ from pathlib import Path
 import torch
 
 from devft.config import RunConfig
-from devft.core.fusion import fuse_layers
-from devft.core.grouping import Groups, format_groups, group_layers
-from devft.core.layerstate import StateDict, join_layers, split_by_layer
+from devft.core.grouping import Groups, format_groups
+from devft.core.layerstate import StateDict
+from devft.core.recipes import stage_groups
 from devft.core.schedule import Stage, build_schedule, full_model_schedule
-from devft.core.transfer import transfer_layers
-from devft.data import collate, encode, federated_data, length_sorted_batches
+from devft.core.stagemaps import fuse_state, transfer_state
+from devft.data import collate, encode, federated_data
 from devft.methods import get_method
 from devft.models.layer_similarity import hidden_similarity, weight_similarity
-from devft.models.loading import BaseModel, load_base_model
+from devft.models.loading import BaseModel
 from devft.models.lora import seeded_lora_init, set_lora_state
 from devft.models.submodel import StagePlan, stage_model
-from devft.training.evaluation import heldout_loss
+from devft.rules import Rule
+from devft.training.evaluation import heldout_batches, heldout_loss
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,17 @@ log = logging.getLogger(__name__)
 class GlobalModel:
     """Full-model LoRA state plus grouping, fusion, transfer and evaluation for the server."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, rule: Rule) -> None:
         self.cfg = cfg
         self.method = get_method(cfg.method)
-        self.base: BaseModel = load_base_model(cfg.model)
+        self.base: BaseModel = rule.base_model()
         self.depth = self.base.num_layers
         self.prefix = self.base.family.lora_prefix()
         self.data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
         self.full = stage_model(self.base, StagePlan.full(self.depth), cfg.lora)
         self.lora: StateDict = seeded_lora_init(self.full, cfg.seed)
-        tok, max_len, bs = self.base.tokenizer, cfg.data.max_seq_len, cfg.data.eval_batch_size
-        encoded = [encode(self.data.records[i], tok, max_len) for i in self.data.eval_indices]
-        self.eval_batches = length_sorted_batches(encoded, bs, tok.pad_token_id)
+        tok, max_len = self.base.tokenizer, cfg.data.max_seq_len
+        self.eval_batches = heldout_batches(self.data, tok, cfg.data)
         calib = self.data.calibration_indices(cfg.devft.calibration_examples)
         self.calibration = collate(
             [encode(self.data.records[i], tok, max_len) for i in calib], tok.pad_token_id
@@ -69,28 +69,26 @@ class GlobalModel:
         )
 
     def group(self, k: int) -> Groups:
-        if k == self.depth:
-            return [[i] for i in range(self.depth)]
-        sim = self.similarity().numpy()
-        return group_layers(sim, k, self.cfg.devft.laplacian, seed=self.cfg.seed)
+        return stage_groups(self.method.recipe, self.depth, k, self._similarity_array,
+                            self.cfg.devft.laplacian, seed=self.cfg.seed)
+
+    def _similarity_array(self):  # called by the spectral recipe only
+        return self.similarity().numpy()
 
     def plan_stage(self, stage: Stage) -> tuple[StagePlan, StateDict]:
         """The stage's plan (groups, fusion) and its submodel's initial LoRA."""
         groups = self.group(stage.num_layers)
-        plan = StagePlan(
-            stage.index, tuple(tuple(g) for g in groups), self.cfg.devft.beta, self.method.fusion
-        )
-        layers, rest = split_by_layer(self.lora, self.prefix)
-        fused = fuse_layers(layers, groups, plan.beta, plan.fusion)
-        log.info(
-            "stage %d: %d layers, groups %s", stage.index, stage.num_layers, format_groups(groups)
-        )
-        return plan, join_layers(fused, self.prefix, rest)
+        plan = StagePlan(stage.index, tuple(tuple(g) for g in groups), self.cfg.devft.beta,
+                         self.method.fusion)
+        log.info("stage %d: %d layers, groups %s", stage.index, stage.num_layers,
+                 format_groups(groups))
+        return plan, fuse_state(self.lora, groups, plan.beta, plan.fusion, self.prefix)
 
     def absorb(self, plan: StagePlan, sub_lora: StateDict) -> None:
         """Transfer the submodel's aggregated LoRA into the full model's global LoRA."""
-        layers, rest = split_by_layer(sub_lora, self.prefix)
-        self.lora = join_layers(transfer_layers(layers, plan.group_lists()), self.prefix, rest)
+        variant = plan.transfer_for(self.method.transfer, self.depth)
+        self.lora = transfer_state(sub_lora, plan.group_lists(), variant, self.prefix,
+                                   into=self.lora)
 
     # ---- evaluation ------------------------------------------------------------------------
     def eval_full(self) -> float:

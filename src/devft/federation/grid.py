@@ -9,10 +9,12 @@ message sent down and every reply sent up.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -104,14 +106,32 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+@dataclass
+class Counts:
+    """Serialized bytes of training traffic, and of measurement-only (evaluate) traffic."""
+
+    down: int = 0
+    up: int = 0
+    failed: int = 0
+    eval_down: int = 0
+    eval_up: int = 0
+    eval_seconds: float = 0.0
+
+
+def _is_eval(message: Message) -> bool:
+    return message.metadata.message_type.startswith(MessageType.EVALUATE)
+
+
 class MeteredGrid(Grid):
-    """Wraps a Grid; counts serialized bytes down (server -> clients) and up (replies)."""
+    """Wraps a Grid; counts serialized bytes down (server -> clients) and up (replies).
+
+    Evaluate messages (personalized evaluation) are measurement, counted apart, and their
+    round trips timed so that wall time can exclude them.
+    """
 
     def __init__(self, inner: Grid) -> None:
         self.inner = inner
-        self.bytes_down = 0
-        self.bytes_up = 0
-        self.failures = 0
+        self.counts = Counts()
 
     @property
     def run(self):  # type: ignore[override]
@@ -123,27 +143,28 @@ class MeteredGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
 
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def _count_down(self, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
-        self.bytes_down += sum(wire_bytes(m) for m in messages)
+        for m in messages:
+            if _is_eval(m):
+                self.counts.eval_down += wire_bytes(m)
+            else:
+                self.counts.down += wire_bytes(m)
         return messages
 
     def _count_up(self, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
         for reply in replies:
+            if _is_eval(reply):
+                self.counts.eval_up += wire_bytes(reply)
+                continue
             if reply.has_error():
-                self.failures += 1
-            self.bytes_up += wire_bytes(reply)
+                self.counts.failed += 1
+            self.counts.up += wire_bytes(reply)
         return replies
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -152,15 +173,16 @@ class MeteredGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._count_up(self.inner.pull_messages(message_ids))
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self._count_up(
-            self.inner.send_and_receive(self._count_down(messages), timeout=timeout)
-        )
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        messages = self._count_down(messages)
+        start = time.perf_counter()
+        replies = self._count_up(self.inner.send_and_receive(messages, timeout=timeout))
+        if messages and _is_eval(messages[0]):
+            self.counts.eval_seconds += time.perf_counter() - start
+        return replies
 
-    def take_counts(self) -> tuple[int, int, int]:
-        """(bytes down, bytes up, failed replies) since the last call; resets them."""
-        counts = (self.bytes_down, self.bytes_up, self.failures)
-        self.bytes_down = self.bytes_up = self.failures = 0
+    def take_counts(self) -> Counts:
+        """The counts since the last call; resets them."""
+        counts, self.counts = self.counts, Counts()
         return counts

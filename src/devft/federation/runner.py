@@ -42,6 +42,9 @@ def prepare(cfg: RunConfig) -> None:
 def run_method(cfg: RunConfig) -> dict[str, Any]:
     """Run `cfg.method` on `cfg.federation.runtime`; returns the run's summary."""
     prepare(cfg)
+    flwr_log = logging.getLogger("flwr")
+    if flwr_log.level <= logging.DEBUG:  # flwr's own default logs every round; keep warnings
+        flwr_log.setLevel(logging.WARNING)
     n = cfg.federation.num_clients
     if cfg.federation.runtime == "inprocess":
         grid = InProcessGrid(make_client_app(cfg), n)

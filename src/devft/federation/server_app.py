@@ -8,117 +8,118 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from devft.config import RunConfig, from_run_config
 from devft.federation.global_model import GlobalModel
 from devft.federation.grid import MeteredGrid
 from devft.federation.strategy import StagedStrategy
-from devft.federation.wire import from_array_record, to_array_record
+from devft.federation.wire import to_array_record
+from devft.models.loading import release_private_base
 from devft.models.lora import lora_parameter_count
 from devft.models.submodel import StagePlan
 from devft.reporting.plots import plot_run
 from devft.reporting.recorder import RunRecorder
+from devft.rules import make_rule
 
 log = logging.getLogger(__name__)
 
 
+class ServerRun:
+    """One run of `cfg.method`: the global model, the rule, the strategy and the recorder."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig) -> None:
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.cfg = cfg
+        self.out = Path(cfg.output.dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.grid = MeteredGrid(grid)
+        self.rule = make_rule(cfg)
+        self.model = GlobalModel(cfg, self.rule)
+        self.schedule = self.model.schedule()
+        personal = self._personal_tensors if self.rule.personalized else None
+        self.strategy = StagedStrategy(cfg, self.rule, self._aggregated, personal)
+        self.recorder = RunRecorder(self.out, cfg.method, sum(s.rounds for s in self.schedule),
+                                    cfg.output.progress)
+        self.plan: StagePlan | None = None
+
+    def run(self) -> dict[str, Any]:
+        """Every stage through Flower; then the adapter, summary and plot."""
+        offset = 0
+        try:
+            for stage in self.schedule:
+                self.plan, sub_lora = self.model.plan_stage(stage)
+                self.recorder.stage_started(stage.index, stage.num_layers, stage.rounds,
+                                            self.plan.group_lists())
+                self.rule.start_stage(sub_lora, self.plan)
+                self.strategy.begin_stage(self.plan, offset)
+                trainable = lora_parameter_count(sub_lora)
+                self.strategy.start(
+                    grid=self.grid, initial_arrays=to_array_record(self.rule.eval_lora()),
+                    num_rounds=stage.rounds,
+                    evaluate_fn=lambda r, _arrays, o=offset, t=trainable: self._end_round(r, o, t))
+                offset += stage.rounds
+            if not self.rule.export(self.out / "adapter", self.model):
+                self.model.save_adapter(self.out / "adapter")
+        finally:
+            release_private_base(self.cfg.output.dir)
+        summary = self.recorder.finish({
+            "model": self.cfg.model.path, "depth": self.model.depth,
+            "num_clients": self.cfg.federation.num_clients, "seed": self.cfg.seed,
+            "personalized_eval": self.rule.personalized,
+        })
+        plot_run(self.recorder.records, self.out / "loss.png")
+        return summary
+
+    def _aggregated(self) -> None:
+        """After each aggregation: rule-specific server work, then transfer to the full model."""
+        self.rule.after_aggregate(self.model)
+        self.model.absorb(self.plan, self.rule.eval_lora())
+
+    def _personal_tensors(self) -> dict[str, Any]:
+        """Full-model tensors each client combines with its private ones for evaluation."""
+        return self.model.lora
+
+    def _end_round(self, stage_round: int, offset: int, trainable: int) -> MetricRecord | None:
+        """Evaluate the full model (and the submodel) and record the round."""
+        if stage_round == 0 and offset > 0:
+            return None  # stage start: the full model equals the previous round's
+        plan, recorder = self.plan, self.recorder
+        personalized = self.rule.personalized and stage_round > 0
+        counts = self.grid.take_counts()
+        recorder.eval_time += counts.eval_seconds  # clients' personalized evaluation
+        full = plan.is_full(self.model.depth)
+        record: dict[str, Any] = {
+            "round": offset + stage_round, "stage": plan.stage, "stage_round": stage_round,
+            "layers_trained": plan.num_layers, "trainable_params": trainable,
+            "bytes_down": counts.down, "bytes_up": counts.up,
+            "eval_bytes": counts.eval_down + counts.eval_up,
+            "eval_loss": (self.strategy.last_eval if personalized
+                          else recorder.timed_eval(self.model.eval_full)),
+            "eval_mode": "personalized" if personalized else "global",
+            "sub_eval_loss": None if full or self.rule.personalized else recorder.timed_eval(
+                self.model.eval_submodel, plan, self.rule.eval_lora()),
+        }
+        if record["eval_loss"] is None:
+            record["eval_loss"] = math.nan
+        if stage_round > 0:
+            record.update(self.strategy.last_train)
+            record["clients_failed"] = max(record.get("clients_failed", 0), counts.failed)
+        record = recorder.record_round(record)
+        return MetricRecord({"eval_loss": record["eval_loss"]})
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     """Run every stage of `cfg.method` over `grid`; write metrics, summary, adapter and plot."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    metered = MeteredGrid(grid)
-    model = GlobalModel(cfg)
-    schedule = model.schedule()
-    strategy = StagedStrategy(cfg)
-    recorder = RunRecorder(out, cfg.method, sum(s.rounds for s in schedule), cfg.output.progress)
-    offset = 0
-    for stage in schedule:
-        plan, sub_lora = model.plan_stage(stage)
-        recorder.stage_started(stage.index, stage.num_layers, stage.rounds, plan.group_lists())
-        strategy.begin_stage(plan, offset)
-
-        def evaluate(
-            server_round: int,
-            arrays: ArrayRecord,
-            plan: StagePlan = plan,
-            offset: int = offset,
-            trainable: int = lora_parameter_count(sub_lora),
-        ) -> MetricRecord | None:
-            if server_round == 0 and offset > 0:
-                return None  # stage start: the full model equals the previous round's
-            record = _end_round(
-                model,
-                strategy,
-                metered,
-                recorder,
-                plan,
-                offset + server_round,
-                server_round,
-                arrays,
-                trainable,
-            )
-            return MetricRecord({"eval_loss": record["eval_loss"]})
-
-        strategy.start(
-            grid=metered,
-            initial_arrays=to_array_record(sub_lora),
-            num_rounds=stage.rounds,
-            evaluate_fn=evaluate,
-        )
-        offset += stage.rounds
-    model.save_adapter(out / "adapter")
-    summary = recorder.finish(
-        {
-            "model": cfg.model.path,
-            "depth": model.depth,
-            "num_clients": cfg.federation.num_clients,
-            "seed": cfg.seed,
-        }
-    )
-    plot_run(recorder.records, out / "loss.png")
-    return summary
-
-
-def _end_round(
-    model: GlobalModel,
-    strategy: StagedStrategy,
-    metered: MeteredGrid,
-    recorder: RunRecorder,
-    plan: StagePlan,
-    global_round: int,
-    stage_round: int,
-    arrays: ArrayRecord,
-    trainable: int,
-) -> dict[str, Any]:
-    """Transfer the aggregated adapter into the full model, evaluate, and record the round."""
-    sub_lora = from_array_record(arrays)
-    model.absorb(plan, sub_lora)
-    full = plan.is_full(model.depth)
-    down, up, failed = metered.take_counts()
-    record: dict[str, Any] = {
-        "round": global_round,
-        "stage": plan.stage,
-        "stage_round": stage_round,
-        "layers_trained": plan.num_layers,
-        "trainable_params": trainable,
-        "bytes_down": down,
-        "bytes_up": up,
-        "eval_loss": recorder.timed_eval(model.eval_full),
-        "sub_eval_loss": None if full else recorder.timed_eval(model.eval_submodel, plan, sub_lora),
-    }
-    if stage_round > 0:
-        record.update(strategy.last_train)
-        record["clients_failed"] = max(record.get("clients_failed", 0), failed)
-    return recorder.record_round(record)
+    return ServerRun(grid, cfg).run()
 
 
 def make_server_app(cfg: RunConfig | None = None) -> ServerApp:

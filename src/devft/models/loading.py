@@ -6,9 +6,10 @@ client); submodels share its tensors (see `devft.models.submodel`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: caches key on the model object
 class BaseModel:
     """A frozen base model with what the rest of the package needs to know about it."""
 
@@ -39,6 +40,8 @@ class BaseModel:
     family: Family
     path: str
     device: torch.device
+    merged: set[int] = field(default_factory=set)
+    """Ids of LoRA stacks merged into these weights in this process (FLoRA's ledger)."""
 
     @property
     def num_layers(self) -> int:
@@ -105,3 +108,23 @@ def load_base_model(cfg: ModelConfig) -> BaseModel:
         if isinstance(err, ModelError):
             raise
         raise ModelError(f"model.path = {cfg.path!r} could not be loaded: {err}") from None
+
+
+_PRIVATE: dict[str, BaseModel] = {}
+
+
+def private_base_model(cfg: ModelConfig, key: str) -> BaseModel:
+    """A per-run copy of the base model (for rules that change the base, e.g. FLoRA's merges).
+
+    Every caller in this process with the same `key` (the run) gets the same copy, so the
+    server and in-process clients share one merged model; other runs keep the pristine one.
+    """
+    if key not in _PRIVATE:
+        shared = load_base_model(cfg)
+        _PRIVATE[key] = BaseModel(copy.deepcopy(shared.model), shared.tokenizer, shared.family,
+                                  shared.path, shared.device)
+    return _PRIVATE[key]
+
+
+def release_private_base(key: str) -> None:
+    _PRIVATE.pop(key, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from peft import (
@@ -83,6 +84,13 @@ def set_lora_state(model: PeftModel, state: StateDict) -> None:
         )
     result = set_peft_model_state_dict(model, state)
     assert not result.unexpected_keys, result.unexpected_keys
+
+
+def set_trainable(model: PeftModel, trainable: Callable[[str], bool]) -> None:
+    """requires_grad on each LoRA parameter by `trainable(name)` (e.g. only lora_B for FFA)."""
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(trainable(name))
 
 
 def seeded_lora_init(model: PeftModel, seed: int) -> StateDict:

@@ -47,6 +47,11 @@ class StagePlan:
     def full(depth: int, stage: int = 0) -> StagePlan:
         return StagePlan(stage, tuple((i,) for i in range(depth)), 0.0)
 
+    def transfer_for(self, variant: str, depth: int) -> str:
+        """The transfer variant to use after this plan: the last (full, unfused) stage's LoRA
+        *is* the full model's, whatever the ablation says about transfer between stages."""
+        return "copy" if self.is_full(depth) else variant
+
     def group_lists(self) -> Groups:
         return [list(g) for g in self.groups]
 
@@ -108,31 +113,30 @@ def _sub_config(
     return config
 
 
-@functools.lru_cache(maxsize=3)
+@functools.lru_cache(maxsize=6)
 def _cached_stage_model(
-    base_key: tuple, groups: tuple, beta: float, fusion: str, lora_key: tuple
+    base: BaseModel, groups: tuple, beta: float, fusion: str, lora_key: tuple
 ) -> PeftModel:
-    base = _BASES[base_key]
     r, alpha, dropout, targets = lora_key
     settings = LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets))
     sub = build_submodel(base.model, base.family, [list(g) for g in groups], beta, fusion)
     return attach_lora(sub, settings, base.family)
 
 
-_BASES: dict[tuple, BaseModel] = {}
-
-
 def stage_model(base: BaseModel, plan: StagePlan, settings: LoraSettings) -> PeftModel:
-    """The LoRA-wrapped submodel of `plan`, built once per process and reused.
+    """The LoRA-wrapped submodel of `plan` on `base`, built once per process and reused.
 
     Callers load the adapter they need with `set_lora_state` before each use.
     """
-    base_key = (base.path, str(base.device), str(next(base.model.parameters()).dtype))
-    _BASES[base_key] = base
     lora_key = (settings.r, settings.alpha, settings.dropout, tuple(settings.target_modules))
     fused = any(len(g) > 1 for g in plan.groups)
     beta, fusion = (plan.beta, plan.fusion) if fused else (0.0, "differential")
-    return _cached_stage_model(base_key, plan.groups, beta, fusion, lora_key)
+    return _cached_stage_model(base, plan.groups, beta, fusion, lora_key)
+
+
+def invalidate_stage_models() -> None:
+    """Forget cached submodels (after the base weights changed, e.g. a FLoRA merge)."""
+    _cached_stage_model.cache_clear()
 
 
 def layer_count(model: nn.Module, family: Family) -> int:

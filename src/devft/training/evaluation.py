@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from devft.config import DataConfig
 from devft.training.loss import response_loss
 
 
@@ -22,3 +23,11 @@ def heldout_loss(
         loss_sum, n = response_loss(model, batch, precision)
         total, count = total + float(loss_sum), count + n
     return total / count if count else math.nan
+
+
+def heldout_batches(data, tokenizer, cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
+    """The fixed evaluation batches of a run: `data.eval_indices`, length-sorted."""
+    from devft.data import encode, length_sorted_batches
+
+    encoded = [encode(data.records[i], tokenizer, cfg.max_seq_len) for i in data.eval_indices]
+    return length_sorted_batches(encoded, cfg.eval_batch_size, tokenizer.pad_token_id)

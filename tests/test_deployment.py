@@ -1,0 +1,144 @@
+"""DevFT on Flower's Deployment Runtime: a real SuperLink and two SuperNodes on 127.0.0.1.
+
+TLS uses a CA and server certificate generated here; SuperNode authentication is on, so
+only SuperNodes whose public keys were registered with `flwr supernode register` may join.
+Each SuperNode picks its data partition from `--node-config "partition-id=I
+num-partitions=2"`. The run is submitted with `flwr run <app> <connection> --run-config`.
+docs/deployment.md describes the same commands for separate machines.
+"""
+
+import json
+import re
+import shutil
+
+import pytest
+from deployment.cluster import (
+    CONNECTION,
+    VENV_BIN,
+    Cluster,
+    DeploymentError,
+    run_config_arg,
+    write_app,
+)
+from deployment.pki import make_node_keys, make_server_certs
+from safetensors.torch import load_file
+
+from devft.config import load_config
+from devft.federation.runner import run_method
+from devft.reporting.recorder import read_metrics
+
+pytestmark = pytest.mark.skipif(
+    not (VENV_BIN / "flower-superlink").exists() or shutil.which("flwr", path=VENV_BIN) is None,
+    reason="Flower's deployment CLI (flower-superlink, flwr) is not installed",
+)
+
+NODES = 2
+RUN_TIMEOUT_S = 300  # typically ~60-100 s on a 2-core CPU; generous for loaded CI machines
+
+# The base config the run's `config-file` points at (settings the run does not override).
+BASE_YAML = """\
+seed: 0
+lora: {r: 8, alpha: 16}
+data: {max_seq_len: 64, eval_batch_size: 4}
+train: {batch_size: 2, lr: 0.01, threads: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """SuperLink (TLS, SuperNode auth) + two registered, connected SuperNodes."""
+    root = tmp_path_factory.mktemp("deployment")
+    cluster = Cluster(root, make_server_certs(root / "certs"))
+    try:
+        cluster.start_superlink()
+        nodes = []
+        for i in range(NODES):
+            keys = make_node_keys(root / "keys", f"supernode-{i}")
+            node_id = cluster.register(keys)
+            service = cluster.start_supernode(
+                f"supernode-{i}", f"partition-id={i} num-partitions={NODES}", keys
+            )
+            nodes.append((node_id, service))
+        for node_id, service in nodes:
+            service.wait_for_log(rf"SuperNode ID: {node_id}\b", timeout=60)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_supernodes_without_a_registered_key_are_refused(cluster):
+    stranger = make_node_keys(cluster.root / "keys", "stranger")  # never registered
+    unregistered = cluster.start_supernode("stranger", "partition-id=0 num-partitions=2", stranger)
+    keyless = cluster.start_supernode("keyless", "partition-id=1 num-partitions=2", None)
+    assert unregistered.wait_exit(timeout=60) != 0, unregistered.tail()
+    assert keyless.wait_exit(timeout=60) != 0, keyless.tail()
+    # activation with an unknown public key fails; self-registration is disabled
+    assert "Failed to activate SuperNode" in unregistered.log(), unregistered.tail()
+    assert "All SuperNodes must be registered via the CLI" in keyless.log(), keyless.tail()
+    nodes = cluster.flwr_json("supernode", "list", CONNECTION)["nodes"]
+    assert len(nodes) == NODES, nodes
+
+
+def test_devft_runs_two_stages_through_flwr_run(
+    cluster, tiny_model_dir, tiny_data_file, tmp_path
+):
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE_YAML)
+    out = tmp_path / "out"
+    overrides = {
+        "config-file": str(base),
+        "model.path": str(tiny_model_dir),
+        "data.name": str(tiny_data_file),
+        "method": "devft",
+        "devft.stages": "2,4",
+        "federation.rounds": 2,
+        "federation.num_clients": NODES,
+        "output.dir": str(out),
+        "output.progress": False,
+        "train.local_steps": 1,
+        "data.eval_examples": 4,
+    }
+    # [tool.flwr.app.config] must declare every key that --run-config overrides
+    placeholders = {k: "" if isinstance(v, str) else v for k, v in overrides.items()}
+    app = write_app(tmp_path / "devft-app", {**placeholders, "method": "fedit"})
+
+    try:
+        res = cluster.flwr(
+            "run", str(app), CONNECTION,
+            "--run-config", run_config_arg(overrides),
+            "--stream",  # returns when the run has finished
+            timeout=RUN_TIMEOUT_S,
+        )  # fmt: skip
+    except DeploymentError as err:
+        raise DeploymentError(f"{err}\n{_service_logs(cluster)}") from None
+    run_id = re.search(r"Successfully started run (\d+)", res.stdout).group(1)
+    runs = cluster.flwr_json("ls", CONNECTION, "--run-id", run_id)["runs"]
+    assert runs[0]["status"] == "finished:completed", res.stdout + _service_logs(cluster)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    assert [s["num_layers"] for s in summary["stages"]] == [2, 4]
+    records = read_metrics(out)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert [r["layers_trained"] for r in records[1:]] == [2, 4]
+    assert all(r["clients_ok"] == NODES and r["clients_failed"] == 0 for r in records[1:])
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())
+    for i in range(NODES):  # every SuperNode ran a ClientApp in both rounds
+        log = (cluster.root / f"supernode-{i}.log").read_text()
+        assert log.count("Receiving: train message") == 2, log
+
+    # Same config in process: the same model, so each SuperNode trained the partition its
+    # node config named (a wrong or shared partition would change the result).
+    local = run_method(
+        load_config(
+            base,
+            [f"{k}={v}" for k, v in overrides.items() if k != "config-file"]
+            + [f"output.dir={tmp_path / 'local'}"],
+        )
+    )
+    assert summary["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
+
+
+def _service_logs(cluster: Cluster) -> str:
+    return "\n".join(f"---- {s.name} ----\n{s.tail(40)}" for s in cluster.services)
