@@ -79,9 +79,7 @@ def test_supernodes_without_a_registered_key_are_refused(cluster):
     assert len(nodes) == NODES, nodes
 
 
-def test_devft_runs_two_stages_through_flwr_run(
-    cluster, tiny_model_dir, tiny_data_file, tmp_path
-):
+def test_devft_runs_two_stages_through_flwr_run(cluster, tiny_model_dir, tiny_data_file, tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(BASE_YAML)
     out = tmp_path / "out"
@@ -100,15 +98,19 @@ def test_devft_runs_two_stages_through_flwr_run(
     }
     # [tool.flwr.app.config] must declare every key that --run-config overrides
     placeholders = {k: "" if isinstance(v, str) else v for k, v in overrides.items()}
+    # (the app's own default method is fedit: the [2, 4] layer counts below show the override won)
     app = write_app(tmp_path / "devft-app", {**placeholders, "method": "fedit"})
 
     try:
         res = cluster.flwr(
-            "run", str(app), CONNECTION,
-            "--run-config", run_config_arg(overrides),
+            "run",
+            str(app),
+            CONNECTION,
+            "--run-config",
+            run_config_arg(overrides),
             "--stream",  # returns when the run has finished
             timeout=RUN_TIMEOUT_S,
-        )  # fmt: skip
+        )
     except DeploymentError as err:
         raise DeploymentError(f"{err}\n{_service_logs(cluster)}") from None
     run_id = re.search(r"Successfully started run (\d+)", res.stdout).group(1)

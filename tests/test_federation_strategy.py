@@ -21,12 +21,15 @@ class _Grid:
         return list(self.nodes)
 
 
+GLOBAL = {"lora_A": torch.ones(1, 2), "lora_B": torch.zeros(2, 1)}
+
+
 def _strategy(*overrides):
     cfg = load_config(None, ["federation.num_clients=3", *overrides])
     rule = make_rule(cfg)
     strategy = StagedStrategy(cfg, rule, on_aggregated=lambda: None)
     plan = StagePlan(1, ((0, 1), (2,)), 0.1)
-    rule.start_stage({"a": torch.ones(2)}, plan)
+    rule.start_stage(GLOBAL, plan)
     strategy.begin_stage(plan, round_offset=5)
     strategy._nodes(_Grid([1, 2, 9]))
     return strategy
@@ -59,7 +62,8 @@ def test_configure_train_sends_plan_and_global_round_to_every_client():
         config = m.content["config"]
         assert config["global-round"] == 7 and config["server-round"] == 2
         assert plan_from_config(config) == strategy.plan
-        assert torch.equal(from_array_record(m.content["arrays"])["a"], torch.ones(2))
+        sent = from_array_record(m.content["arrays"])  # the rule's global tensors
+        assert set(sent) == set(GLOBAL) and torch.equal(sent["lora_A"], GLOBAL["lora_A"])
 
 
 def test_configure_train_samples_clients_per_round_deterministically():
@@ -91,13 +95,13 @@ def test_fedit_aggregation_is_the_hand_computed_weighted_mean():
 
 
 def test_failed_replies_are_counted_and_left_out():
-    a = {"w": torch.tensor([2.0])}
+    a = {"lora_A": torch.full((1, 2), 2.0), "lora_B": torch.ones(2, 1)}
     msg = Message(RecordDict({}), dst_node_id=9, message_type="train")
     msg.metadata.__dict__["_message_id"] = "m9"
     failed = Message(Error(code=1, reason="boom"), reply_to=msg)
     strategy = _strategy()
     arrays, _ = strategy.aggregate_train(1, [_reply(a, 2), failed])
-    assert torch.equal(from_array_record(arrays)["w"], torch.tensor([2.0]))
+    assert torch.equal(from_array_record(arrays)["lora_A"], torch.full((1, 2), 2.0))
     assert strategy.last_train["clients_failed"] == 1
 
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from devft.errors import DevFTError
+from devft.errors import ConfigError, DevFTError
 
 
 class _TqdmHandler(logging.Handler):
@@ -56,9 +56,11 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set federation.num_clients=8",
         )
-        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--out", help="output directory (required unless --resume)")
         p.add_argument("-v", "--verbose", action="store_true")
     sub.choices["run"].add_argument("--method", help="shortcut for --set method=NAME")
+    sub.choices["run"].add_argument("--resume", metavar="DIR",
+                                    help="continue a killed run from DIR's last checkpoint")
     sub.choices["compare"].add_argument(
         "--methods", default="devft,fedit", help="comma-separated methods (fedit is always added)"
     )
@@ -84,11 +86,17 @@ def _console():
 def _dispatch(args: argparse.Namespace) -> int:
     from devft.config import load_config
 
-    overrides = list(args.set) + [f"output.dir={args.out}"]
-    if args.command == "run":
-        if args.method:
+    if args.command == "run" and args.resume:
+        cfg = _resume_config(args)
+        args.out = args.resume
+    else:
+        if not args.out:
+            raise ConfigError("--out", None, "an output directory")
+        overrides = list(args.set) + [f"output.dir={args.out}"]
+        if args.command == "run" and args.method:
             overrides.append(f"method={args.method}")
         cfg = load_config(args.config, overrides)
+    if args.command == "run":
         from devft.federation.runner import run_method
 
         summary = run_method(cfg)
@@ -102,11 +110,30 @@ def _dispatch(args: argparse.Namespace) -> int:
     from devft.comparison import compare_methods, comparison_table, parse_methods
 
     methods = parse_methods(args.methods)
-    cfg = load_config(args.config, overrides)
     comparison = compare_methods(cfg, methods, Path(args.out))
     _console().print(comparison_table(comparison))
     _console().print(f"comparison.json and comparison.png in {args.out}")
     return 0
+
+
+def _resume_config(args: argparse.Namespace):
+    """The killed run's own config (DIR/config.json), marked to resume."""
+    import json
+
+    from devft.config import from_dict
+
+    if args.config or args.set or args.method or args.out:
+        raise ConfigError("--resume", args.resume,
+                          "no --config/--set/--method/--out with it: a run resumes with its "
+                          "own config.json")
+    path = Path(args.resume) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError("--resume", args.resume,
+                          f"a run directory of `devft run` (reading {path}: {err})") from None
+    data.setdefault("output", {}).update(dir=str(args.resume), resume=True)
+    return from_dict(data)
 
 
 if __name__ == "__main__":

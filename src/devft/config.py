@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,6 +107,12 @@ class FederationConfig:
     """Clients sampled each round; 0 = all."""
     rounds: int = 12
     """Total rounds; DevFT splits them over its stages unless devft.rounds_per_stage is set."""
+    min_replies: int = 1
+    """Valid client replies a round needs to update the global model; fewer = round skipped."""
+    timeout_s: float = 3600.0
+    """Seconds the server waits for a round's replies; a later reply counts as a failure."""
+    max_update_norm: float = 1000.0
+    """Replies whose tensors' total L2 norm exceeds this are rejected as implausible."""
     runtime: Literal["inprocess", "simulation"] = "inprocess"
     """inprocess: Flower Grid that calls the ClientApp directly (fast default);
     simulation: Flower's Ray simulation runtime."""
@@ -121,6 +128,11 @@ class FederationConfig:
             f"0 (all) up to federation.num_clients={self.num_clients}",
         )
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "a positive integer")
+        _check(1 <= self.min_replies <= self.num_clients, "federation.min_replies",
+               self.min_replies, f"1 up to federation.num_clients={self.num_clients}")
+        _check(self.timeout_s > 0, "federation.timeout_s", self.timeout_s, "a positive number")
+        _check(self.max_update_norm > 0, "federation.max_update_norm", self.max_update_norm,
+               "a positive number")
 
 
 @dataclass
@@ -229,6 +241,8 @@ class OutputConfig:
     dir: str = "runs/latest"
     progress: bool = True
     """Show progress bars on rounds and local steps."""
+    resume: bool = False
+    """Continue the run in `dir` from its last checkpoint (set by `devft run --resume DIR`)."""
 
 
 @dataclass
@@ -273,16 +287,32 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def from_run_config(run_config: dict[str, Any]) -> RunConfig:
-    """Read Flower's flat run_config: `config-json`, or `config-file`, plus dotted overrides."""
+    """Read Flower's flat run_config: `config-json`, or `config-file`, plus dotted overrides.
+
+    Keys set to "" are declared-but-unset (Flower only lets `--run-config` override keys the
+    app's pyproject declares) and are ignored. A relative `config-file` is looked up in the
+    working directory, then in the app's own folder (first on sys.path in Flower's apps).
+    """
     data: dict[str, Any] = {}
-    if "config-json" in run_config:
+    if run_config.get("config-json", "") != "":
         data = json.loads(str(run_config["config-json"]))
-    elif "config-file" in run_config:
-        data = _read_yaml(Path(str(run_config["config-file"])))
+    elif run_config.get("config-file", "") != "":
+        data = _read_yaml(_find_config_file(str(run_config["config-file"])))
     for key, value in run_config.items():
-        if key not in ("config-json", "config-file"):
+        if key not in ("config-json", "config-file") and value != "":
             _set_dotted(data, key.replace("-", "_"), value)
     return from_dict(data)
+
+
+def _find_config_file(name: str) -> Path:
+    path = Path(name)
+    if path.is_absolute() or path.is_file():
+        return path
+    for root in sys.path:
+        candidate = Path(root or ".") / name
+        if candidate.is_file():
+            return candidate
+    return path  # _read_yaml reports it missing
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

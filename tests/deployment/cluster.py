@@ -8,6 +8,7 @@ a SuperLink connection written into a separate FLWR_HOME/config.toml.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from deployment.pki import NodeKeys, ServerCerts
 
@@ -112,21 +115,29 @@ class Service:
             ) from None
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left after `grace` seconds."""
+        """SIGTERM the process, its group and its descendants (the SuperLink's SuperExec runs
+        in a session of its own); SIGKILL whatever is left after `grace` seconds."""
         if self.proc is None:
             return
         pgid = self.proc.pid  # start_new_session: pgid == pid
+        try:
+            family = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
         _signal_group(pgid, signal.SIGTERM)
-        try:
+        for child in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.terminate()
+        deadline = time.monotonic() + grace
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        # The group may outlive its leader (SuperExec, app processes): always sweep it.
+        _, alive = psutil.wait_procs(family, timeout=max(0.5, deadline - time.monotonic()))
         _signal_group(pgid, signal.SIGKILL)
-        try:
+        for child in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
@@ -164,15 +175,21 @@ class Cluster:
             "superlink",
             [
                 str(VENV_BIN / "flower-superlink"),
-                "--ssl-ca-certfile", str(self.certs.ca_cert),
-                "--ssl-certfile", str(self.certs.server_cert),
-                "--ssl-keyfile", str(self.certs.server_key),
+                "--ssl-ca-certfile",
+                str(self.certs.ca_cert),
+                "--ssl-certfile",
+                str(self.certs.server_cert),
+                "--ssl-keyfile",
+                str(self.certs.server_key),
                 "--enable-supernode-auth",
                 "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
-                "--database", str(home / "state.db"),
-            ],  # fmt: skip
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(home / "state.db"),
+            ],
             home,
             self.root / "superlink.log",
         )
@@ -192,11 +209,15 @@ class Cluster:
         """`flower-supernode` with its own Runtime API port, node config and auth key."""
         args = [
             str(VENV_BIN / "flower-supernode"),
-            "--superlink", self.address,
-            "--root-certificates", str(self.certs.ca_cert),
-            "--node-config", node_config,
-            "--port", str(free_port()),  # its local Runtime API (ClientApp <-> SuperNode)
-        ]  # fmt: skip
+            "--superlink",
+            self.address,
+            "--root-certificates",
+            str(self.certs.ca_cert),
+            "--node-config",
+            node_config,
+            "--port",
+            str(free_port()),  # its local Runtime API (ClientApp <-> SuperNode)
+        ]
         if keys is not None:
             args += ["--auth-supernode-private-key", str(keys.private_key)]
         if max_retries is not None:
@@ -299,6 +320,6 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     text = str(value)
-    if any(c in text for c in "\"\\\n"):
+    if any(c in text for c in '"\\\n'):
         raise ValueError(f"unsupported characters in run config value: {text!r}")
     return f'"{text}"'

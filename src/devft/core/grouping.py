@@ -12,7 +12,6 @@ import warnings
 from typing import Literal
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ def group_layers(
 
 def _kmeans_labels(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k-means labels; if a seed yields fewer than k clusters, try the next few seeds."""
+    from sklearn.cluster import KMeans  # imported here: ~2 s, needed by the server only
+
     labels = np.zeros(len(emb), dtype=int)
     for attempt in range(5):
         with warnings.catch_warnings():

@@ -101,4 +101,3 @@ def task_items(
     else:
         pool = multiple_choice_items(task)
     return subsample(pool, limit, seed, task), len(pool)
-

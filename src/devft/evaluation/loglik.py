@@ -6,7 +6,7 @@ the LM head (a boolean `logits_to_keep`, see `devft.training.loss`).
 
 Two equivalent paths (equal up to float rounding; tested):
 
-- ``cache_context=True`` (default): one forward over the batch's contexts (right-padded, with
+- ``cache_context=True``: one forward over the batch's contexts (right-padded, with
   KV cache), whose last position scores every choice's first token; then one forward over all
   choices' remaining tokens on top of the cached contexts (the cache rows are gathered per
   choice; padding holes are masked, positions passed explicitly). A context shared by k
@@ -29,6 +29,9 @@ from devft.evaluation.requests import Request
 from devft.training.loss import autocast
 
 log = logging.getLogger(__name__)
+
+CACHE_GAIN = 0.75
+"""`cache_context=None` shares contexts when that needs < this share of the padded tokens."""
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +148,15 @@ def _full_batch(
     return _sum_by_choice(lp, owners, len(seqs))
 
 
+def _prefer_cache(batch: Sequence[Request]) -> bool:
+    """Whether sharing contexts saves enough padded tokens over full sequences (~25%)."""
+    conts = [len(c) for r in batch for c in r.continuations]
+    full = len(conts) * max(len(r.context) + max(map(len, r.continuations)) for r in batch)
+    rest = [n - 1 for n in conts if n > 1]
+    cached = len(batch) * max(len(r.context) for r in batch) + len(rest) * max(rest, default=0)
+    return cached < CACHE_GAIN * full
+
+
 @torch.no_grad()
 def continuation_logprobs(
     model: nn.Module,
@@ -152,13 +164,14 @@ def continuation_logprobs(
     pad_id: int,
     batch_size: int = 16,
     precision: str = "fp32",
-    cache_context: bool = True,
+    cache_context: bool | None = None,
     progress: bool = False,
 ) -> list[list[float]]:
     """Per request, per choice: the summed log-probability of the choice's tokens.
 
     Requests are processed longest first in batches of `batch_size` requests (each with all
-    its choices); results come back in the input order.
+    its choices); results come back in the input order. `cache_context`: True/False force
+    either path (module docstring); None picks, per batch, the one with fewer padded tokens.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -169,7 +182,6 @@ def continuation_logprobs(
         range(len(requests)),
         key=lambda i: -(len(requests[i].context) + max(map(len, requests[i].continuations))),
     )
-    score = _cached_batch if cache_context else _full_batch
     results: list[list[float]] = [[] for _ in requests]
     starts = range(0, len(order), batch_size)
     if progress:
@@ -178,7 +190,9 @@ def continuation_logprobs(
         starts = tqdm(starts, desc="log-likelihood", unit="batch", leave=False)
     for s in starts:
         idx = order[s : s + batch_size]
-        flat = iter(score(model, [requests[i] for i in idx], pad_id, precision))
+        batch = [requests[i] for i in idx]
+        cached = _prefer_cache(batch) if cache_context is None else cache_context
+        flat = iter((_cached_batch if cached else _full_batch)(model, batch, pad_id, precision))
         for i in idx:
             results[i] = [next(flat) for _ in requests[i].continuations]
     return results

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from devft.data.tasks import TRAIN_TASKS, MCItem
+from devft.errors import ConfigError
 from devft.evaluation.items import (
     DEFAULT_HELDOUT_FRACTION,
     GROUP_HELDOUT,
@@ -28,7 +29,6 @@ from devft.evaluation.items import (
 )
 from devft.evaluation.loglik import continuation_logprobs
 from devft.evaluation.requests import DEFAULT_MAX_LEN, PROMPT_STYLES, PromptStyle, build_requests
-from devft.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def score_multiple_choice(
     *,
     prompt_style: PromptStyle = "plain",
     max_len: int = DEFAULT_MAX_LEN,
-    cache_context: bool = True,
+    cache_context: bool | None = None,
     details: bool = False,
 ) -> MCResult:
     """acc and acc_norm of `model` on `items` (see the module docstring).

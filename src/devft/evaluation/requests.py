@@ -129,6 +129,8 @@ def build_requests(
         raise ValueError(f"max_len must be >= 4, got {max_len}")
     for item in items:
         if not item.choices or not 0 <= item.answer < len(item.choices):
-            raise ValueError(f"bad item of task {item.task!r}: answer {item.answer} of "
-                             f"{len(item.choices)} choices")
+            raise ValueError(
+                f"bad item of task {item.task!r}: answer {item.answer} of "
+                f"{len(item.choices)} choices"
+            )
     return [build_request(item, tokenizer, prompt_style, max_len) for item in items]

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from devft.config import RunConfig, from_run_config
 from devft.data import collate, encode, federated_data
+from devft.errors import ConfigError
 from devft.federation.wire import from_array_record, plan_from_config, to_array_record
 from devft.models.lora import get_lora_state, set_lora_state, set_trainable
 from devft.models.submodel import StagePlan, stage_model
@@ -29,6 +30,11 @@ def _env(cfg: RunConfig, rule: Rule, plan: StagePlan, msg: Message,
          context: Context) -> tuple[ClientEnv, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    partitions = int(context.node_config.get("num-partitions", cfg.federation.num_clients))
+    if partitions != cfg.federation.num_clients:
+        raise ConfigError("num-partitions (node config)", partitions,
+                          f"federation.num_clients={cfg.federation.num_clients} of the run: "
+                          "every client must split the data the same way")
     base = rule.base_model()
     config = dict(msg.content["config"])
     env = ClientEnv(cfg=cfg, plan=plan, prefix=base.family.lora_prefix(),

@@ -24,6 +24,7 @@ from devft.federation.wire import wire_bytes
 log = logging.getLogger(__name__)
 
 CLIENT_EXCEPTION = 1  # error code of a reply whose ClientApp raised
+CLIENT_TIMEOUT = 2  # error code of a reply that came after the round's timeout
 
 
 class InProcessGrid(Grid):
@@ -38,6 +39,7 @@ class InProcessGrid(Grid):
     ) -> None:
         self._app = client_app
         self._run = None
+        self._timeout: float | None = None
         self._inbox: dict[str, Message] = {}
         self.contexts = {
             node_id: Context(
@@ -80,8 +82,14 @@ class InProcessGrid(Grid):
             message_id = uuid.uuid4().hex
             msg.metadata.__dict__["_message_id"] = message_id  # as Flower's link state does
             context = self.contexts[msg.metadata.dst_node_id]
+            start = time.perf_counter()
             try:
                 reply = self._app(msg, context)
+                elapsed = time.perf_counter() - start
+                if self._timeout is not None and elapsed > self._timeout:
+                    # an in-process call cannot be pre-empted: its late reply is discarded
+                    reason = f"timed out ({elapsed:.1f} s > {self._timeout} s)"
+                    reply = Message(Error(code=CLIENT_TIMEOUT, reason=reason), reply_to=msg)
             except Exception as err:  # a failing client must not stop the run
                 log.warning(
                     "client %s raised %s: %s",
@@ -103,7 +111,11 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        self._timeout = timeout
+        try:
+            return self.pull_messages(self.push_messages(messages))
+        finally:
+            self._timeout = None
 
 
 @dataclass

@@ -13,10 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from devft.config import RunConfig, from_run_config
+from devft.errors import DevFTError
+from devft.federation.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from devft.federation.global_model import GlobalModel
 from devft.federation.grid import MeteredGrid
 from devft.federation.strategy import StagedStrategy
@@ -25,7 +33,8 @@ from devft.models.loading import release_private_base
 from devft.models.lora import lora_parameter_count
 from devft.models.submodel import StagePlan
 from devft.reporting.plots import plot_run
-from devft.reporting.recorder import RunRecorder
+from devft.training.accounting import rss_bytes
+from devft.reporting.recorder import RunRecorder, read_metrics
 from devft.rules import make_rule
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,7 @@ class ServerRun:
         self.out = Path(cfg.output.dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self.client_grid = grid  # the in-process grid exposes client contexts for checkpoints
         self.grid = MeteredGrid(grid)
         self.rule = make_rule(cfg)
         self.model = GlobalModel(cfg, self.rule)
@@ -48,25 +58,29 @@ class ServerRun:
         personal = self._personal_tensors if self.rule.personalized else None
         self.strategy = StagedStrategy(cfg, self.rule, self._aggregated, personal)
         self.recorder = RunRecorder(self.out, cfg.method, sum(s.rounds for s in self.schedule),
-                                    cfg.output.progress)
+                                    cfg.output.progress, fresh=not cfg.output.resume)
         self.plan: StagePlan | None = None
 
     def run(self) -> dict[str, Any]:
-        """Every stage through Flower; then the adapter, summary and plot."""
-        offset = 0
+        """Every stage through Flower (from the last checkpoint when resuming); then the
+        adapter, summary and plot."""
+        position = self._resume() if self.cfg.output.resume else (0, 0, 0)
+        first_stage, done, offset = position
         try:
-            for stage in self.schedule:
-                self.plan, sub_lora = self.model.plan_stage(stage)
-                self.recorder.stage_started(stage.index, stage.num_layers, stage.rounds,
-                                            self.plan.group_lists())
-                self.rule.start_stage(sub_lora, self.plan)
-                self.strategy.begin_stage(self.plan, offset)
-                trainable = lora_parameter_count(sub_lora)
-                self.strategy.start(
-                    grid=self.grid, initial_arrays=to_array_record(self.rule.eval_lora()),
-                    num_rounds=stage.rounds,
-                    evaluate_fn=lambda r, _arrays, o=offset, t=trainable: self._end_round(r, o, t))
-                offset += stage.rounds
+            for stage in self.schedule[first_stage:]:
+                if done == 0:
+                    self.plan, sub_lora = self.model.plan_stage(stage)
+                    self.recorder.stage_started(stage.index, stage.num_layers, stage.rounds,
+                                                self.plan.group_lists())
+                    self.rule.start_stage(sub_lora, self.plan)
+                trainable = lora_parameter_count(self.rule.eval_lora())
+                self.strategy.begin_stage(self.plan, offset, done)
+                if stage.rounds > done:
+                    self.strategy.start(
+                        grid=self.grid, initial_arrays=to_array_record(self.rule.eval_lora()),
+                        num_rounds=stage.rounds - done, timeout=self.cfg.federation.timeout_s,
+                        evaluate_fn=lambda r, _a, t=trainable: self._end_round(r, t))
+                offset, done = offset + stage.rounds - done, 0
             if not self.rule.export(self.out / "adapter", self.model):
                 self.model.save_adapter(self.out / "adapter")
         finally:
@@ -79,6 +93,51 @@ class ServerRun:
         plot_run(self.recorder.records, self.out / "loss.png")
         return summary
 
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _checkpoint(self, global_round: int, stage_round: int) -> None:
+        rule_tensors, rule_meta = self.rule.state_dict()
+        rng_meta, rng_tensors = rng_state()
+        tensors = {"global-lora": self.model.lora, "rng": rng_tensors,
+                   **{f"rule.{k}": v for k, v in rule_tensors.items()}}
+        for node, context in getattr(self.client_grid, "contexts", {}).items():
+            for name, record in context.state.items():
+                if isinstance(record, ArrayRecord):
+                    tensors[f"client.{node}.{name}"] = record.to_torch_state_dict()
+        plan = self.plan
+        state = {
+            "round": global_round, "stage": plan.stage, "stage_round": stage_round,
+            "plan": {"groups": plan.group_lists(), "beta": plan.beta, "fusion": plan.fusion},
+            "rule": rule_meta, "recorder": self.recorder.state(), "rng": rng_meta,
+            "config": self.cfg.to_dict(),
+        }
+        save_checkpoint(self.out, global_round, Checkpoint(state, tensors))
+
+    def _resume(self) -> tuple[int, int, int]:
+        """Load the latest checkpoint; returns (stage index, rounds done in it, global round)."""
+        ckpt = load_checkpoint(self.out)
+        state, tensors = ckpt.state, ckpt.tensors
+        saved = {k: v for k, v in state["config"].items() if k != "output"}
+        if saved != {k: v for k, v in self.cfg.to_dict().items() if k != "output"}:
+            raise DevFTError(f"--resume {self.out}: the checkpoint was written with another "
+                             "config; resume with the run's own config.json")
+        p = state["plan"]
+        self.plan = StagePlan(state["stage"], tuple(tuple(g) for g in p["groups"]), p["beta"],
+                              p["fusion"])
+        self.model.lora = tensors["global-lora"]
+        rule_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}
+        self.rule.load_state_dict(rule_tensors, state["rule"], self.plan, self.model)
+        for node, context in getattr(self.client_grid, "contexts", {}).items():
+            head = f"client.{node}."
+            for key, value in tensors.items():
+                if key.startswith(head):
+                    context.state[key[len(head):]] = ArrayRecord(value)
+        records = [r for r in read_metrics(self.out) if r["round"] <= state["round"]]
+        self.recorder.restore(state["recorder"], records)
+        set_rng_state(state["rng"], tensors["rng"])
+        log.info("resuming %s after round %d (stage %d, round %d of it)", self.cfg.method,
+                 state["round"], state["stage"], state["stage_round"])
+        return state["stage"], state["stage_round"], state["round"]
+
     def _aggregated(self) -> None:
         """After each aggregation: rule-specific server work, then transfer to the full model."""
         self.rule.after_aggregate(self.model)
@@ -88,20 +147,23 @@ class ServerRun:
         """Full-model tensors each client combines with its private ones for evaluation."""
         return self.model.lora
 
-    def _end_round(self, stage_round: int, offset: int, trainable: int) -> MetricRecord | None:
-        """Evaluate the full model (and the submodel) and record the round."""
-        if stage_round == 0 and offset > 0:
-            return None  # stage start: the full model equals the previous round's
+    def _end_round(self, server_round: int, trainable: int) -> MetricRecord | None:
+        """Evaluate the full model (and the submodel), record the round, checkpoint."""
+        stage_round = self.strategy.stage_round(server_round)
+        offset = self.strategy.round_offset
+        if server_round == 0 and (offset > 0 or self.recorder.records):
+            return None  # stage start / resume: the full model equals the previous round's
         plan, recorder = self.plan, self.recorder
-        personalized = self.rule.personalized and stage_round > 0
+        personalized = self.rule.personalized and server_round > 0
         counts = self.grid.take_counts()
         recorder.eval_time += counts.eval_seconds  # clients' personalized evaluation
         full = plan.is_full(self.model.depth)
         record: dict[str, Any] = {
-            "round": offset + stage_round, "stage": plan.stage, "stage_round": stage_round,
+            "round": offset + server_round, "stage": plan.stage, "stage_round": stage_round,
             "layers_trained": plan.num_layers, "trainable_params": trainable,
             "bytes_down": counts.down, "bytes_up": counts.up,
             "eval_bytes": counts.eval_down + counts.eval_up,
+            "process_rss_bytes": rss_bytes(),
             "eval_loss": (self.strategy.last_eval if personalized
                           else recorder.timed_eval(self.model.eval_full)),
             "eval_mode": "personalized" if personalized else "global",
@@ -110,10 +172,11 @@ class ServerRun:
         }
         if record["eval_loss"] is None:
             record["eval_loss"] = math.nan
-        if stage_round > 0:
+        if server_round > 0:
             record.update(self.strategy.last_train)
             record["clients_failed"] = max(record.get("clients_failed", 0), counts.failed)
         record = recorder.record_round(record)
+        self._checkpoint(record["round"], stage_round)
         return MetricRecord({"eval_loss": record["eval_loss"]})
 
 

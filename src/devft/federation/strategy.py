@@ -8,6 +8,7 @@ node gets its own message (`Rule.message`: e.g. HetLoRA truncates to the node's 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -17,6 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from devft.config import RunConfig
 from devft.core.layerstate import StateDict
+from devft.core.validation import check_update
 from devft.federation.wire import from_array_record, plan_to_config, to_array_record
 from devft.models.submodel import StagePlan
 from devft.rules import NodeSlot, Rule
@@ -41,16 +43,22 @@ class StagedStrategy(FedAvg):
         self.cfg, self.rule, self.per_round = cfg, rule, per_round
         self.on_aggregated, self.personal_eval = on_aggregated, personal_eval
         self.plan: StagePlan | None = None
-        self.round_offset = 0
+        self.round_offset = self.stage_done = 0
         self.slots: dict[int, NodeSlot] = {}
         self.last_train: dict[str, float] = {}
         self.last_eval: float | None = None
+        self.sent = 0
 
-    def begin_stage(self, plan: StagePlan, round_offset: int) -> None:
-        self.plan, self.round_offset = plan, round_offset
+    def begin_stage(self, plan: StagePlan, round_offset: int, stage_done: int = 0) -> None:
+        """Rounds of this `start` continue the global count after `round_offset`, and the
+        stage's own count after `stage_done` (non-zero when resuming mid-stage)."""
+        self.plan, self.round_offset, self.stage_done = plan, round_offset, stage_done
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
+
+    def stage_round(self, server_round: int) -> int:
+        return self.stage_done + server_round
 
     def _nodes(self, grid: Grid) -> list[int]:
         nodes = sorted(grid.get_node_ids())
@@ -65,8 +73,11 @@ class StagedStrategy(FedAvg):
         round_ = self.global_round(server_round)
         nodes = self._nodes(grid)
         rng = np.random.default_rng([self.cfg.seed, round_])
-        chosen = sorted(rng.choice(nodes, size=min(self.per_round, len(nodes)), replace=False))
+        # sample positions, not ids: node ids are 64-bit and numpy would round them to floats
+        picks = rng.choice(len(nodes), size=min(self.per_round, len(nodes)), replace=False)
+        chosen = sorted(nodes[int(i)] for i in picks)
         messages = []
+        self.sent = len(chosen)
         for node in chosen:
             tensors, extra = self.rule.message(self.slots[int(node)])
             record = RecordDict({
@@ -80,11 +91,36 @@ class StagedStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, failed = self._check_and_log_replies(replies, is_train=True)
-        self.last_train = {"clients_ok": len(valid), "clients_failed": len(failed)}
-        if not valid:
-            log.warning("round %d: no valid replies; the global adapter is unchanged",
-                        self.global_round(server_round))
+        """Validate each reply, aggregate the valid ones (at least federation.min_replies).
+
+        Failed replies (the client raised, timed out or disconnected), missing replies and
+        rejected ones (see `devft.core.validation.check_update`) are logged and counted.
+        """
+        round_ = self.global_round(server_round)
+        replies = list(replies)
+        valid, rejected, failed = [], [], 0
+        for msg in replies:
+            if msg.has_error():
+                failed += 1
+                log.warning("round %d: client node %s failed: %s", round_,
+                            msg.metadata.src_node_id, msg.error.reason)
+                continue
+            reason = self._check_reply(msg)
+            if reason is None:
+                valid.append(msg)
+            else:
+                rejected.append(f"node {msg.metadata.src_node_id}: {reason}")
+                log.warning("round %d: rejected the reply of client node %s: %s", round_,
+                            msg.metadata.src_node_id, reason)
+        missing = max(0, self.sent - len(replies))
+        if missing:
+            log.warning("round %d: %d client(s) sent no reply in time", round_, missing)
+        self.last_train = {"clients_ok": len(valid), "clients_failed": failed + missing,
+                           "clients_rejected": len(rejected), "rejections": rejected}
+        if len(valid) < self.cfg.federation.min_replies:
+            log.warning("round %d: %d valid replies, fewer than federation.min_replies=%d; "
+                        "the global adapter is unchanged", round_, len(valid),
+                        self.cfg.federation.min_replies)
             return None, None
         uploads = [from_array_record(m.content["arrays"]) for m in valid]
         metrics = [m.content["metrics"] for m in valid]
@@ -94,6 +130,27 @@ class StagedStrategy(FedAvg):
         self.last_train.update(_client_summary(metrics))
         return to_array_record(self.rule.eval_lora()), MetricRecord(
             {k: v for k, v in self.last_train.items() if isinstance(v, (int, float))})
+
+    def _check_reply(self, msg: Message) -> str | None:
+        """Why a reply cannot be aggregated, or None."""
+        node = self.slots.get(msg.metadata.src_node_id)
+        if node is None:
+            return "reply from a node that was not sent this round"
+        arrays, metrics = msg.content.get("arrays"), msg.content.get("metrics")
+        if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
+            return "reply lacks its 'arrays' or 'metrics' record"
+        for key in _REPLY_METRICS:
+            value = metrics.get(key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"metric {key!r} is missing or not a finite number"
+        if metrics["num-examples"] <= 0:
+            return "num-examples must be positive"
+        try:
+            update = from_array_record(arrays)
+        except Exception as err:  # a malformed array must not stop the round
+            return f"unreadable arrays ({type(err).__name__}: {err})"
+        return check_update(update, self.rule.expected_upload(node),
+                            self.cfg.federation.max_update_norm)
 
     # ---- personalized evaluation (rules whose model includes client-private tensors) ------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -116,6 +173,10 @@ class StagedStrategy(FedAvg):
         losses = [float(m.content["metrics"]["eval-loss"]) for m in valid]
         self.last_eval = sum(losses) / len(losses)  # unweighted mean over clients
         return MetricRecord({"eval_loss": self.last_eval, "clients": len(losses)})
+
+
+_REPLY_METRICS = ("num-examples", "train-loss", "flops", "tokens", "train-time-s",
+                  "peak-mem-bytes", "mem-delta-bytes")
 
 
 def _client_summary(metrics: list[MetricRecord]) -> dict[str, float]:

@@ -20,11 +20,13 @@ METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 
 
 class RunRecorder:
-    def __init__(self, out_dir: Path, method: str, total_rounds: int, progress: bool) -> None:
+    def __init__(self, out_dir: Path, method: str, total_rounds: int, progress: bool,
+                 fresh: bool = True) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / METRICS_FILE
-        self.path.write_text("")
+        if fresh:
+            self.path.write_text("")
         self.method, self.total_rounds = method, total_rounds
         self.records: list[dict[str, Any]] = []
         self.stages: list[dict[str, Any]] = []
@@ -32,6 +34,22 @@ class RunRecorder:
         self.eval_time = 0.0
         self.start = time.perf_counter()
         self.bar = tqdm(total=total_rounds, desc=f"{method} rounds", disable=not progress)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue this recorder."""
+        return {"stages": self.stages, "cum": self.cum, "eval_time": self.eval_time,
+                "wall_time": self.wall_time()}
+
+    def restore(self, state: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        """Continue from a checkpoint: its records (metrics.jsonl is rewritten to them),
+        counters and clock (downtime between the crash and the resume is not counted)."""
+        self.stages, self.cum = state["stages"], dict(state["cum"])
+        self.eval_time = state["eval_time"]
+        self.start = time.perf_counter() - state["wall_time"] - self.eval_time
+        self.records = list(records)
+        with self.path.open("w") as f:
+            f.writelines(json.dumps(_finite(r)) + "\n" for r in records)
+        self.bar.update(records[-1]["round"] if records else 0)
 
     def wall_time(self) -> float:
         """Seconds since the run started, minus measurement-only evaluation."""
@@ -103,6 +121,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    path = out_dir / METRICS_FILE
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -99,9 +99,22 @@ class Rule:
                   weights: list[float]) -> None:
         self.global_lora = weighted_mean(uploads, weights)
 
+    def expected_upload(self, node: NodeSlot) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes a valid reply from `node` carries (checked before aggregation)."""
+        return {k: tuple(v.shape) for k, v in self.global_lora.items()}
+
     def eval_lora(self) -> StateDict:
         """The submodel adapter the server evaluates and transfers into the full model."""
         return self.global_lora
+
+    def state_dict(self) -> tuple[dict[str, StateDict], dict[str, Any]]:
+        """Server state for a checkpoint: named tensor groups and JSON-able metadata."""
+        return {"global": self.global_lora}, {}
+
+    def load_state_dict(self, tensors: dict[str, StateDict], meta: dict[str, Any],
+                        plan: Any, global_model: Any) -> None:
+        """Restore `state_dict()`'s output (on resume, in a fresh process)."""
+        self.global_lora, self.plan = tensors["global"], plan
 
     def after_aggregate(self, global_model: Any) -> None:
         """Server-side work after each aggregation (e.g. FLoRA merges into the base)."""

@@ -71,3 +71,12 @@ class DoFIT(Rule):
                                             [weights[i] for i in members])
         self.domains = perturb_shared(self.domains, self.cfg.dofit.topk, self.cfg.dofit.scale)
         self.global_lora = weighted_mean(self.domains, [1.0] * len(self.domains))
+
+    def state_dict(self) -> tuple[dict[str, StateDict], dict[str, Any]]:
+        tensors = {f"domain{d}": state for d, state in enumerate(self.domains)}
+        return {"global": self.global_lora, **tensors}, {"domains": len(self.domains)}
+
+    def load_state_dict(self, tensors: dict[str, StateDict], meta: dict[str, Any],
+                        plan: Any, global_model: Any) -> None:
+        super().load_state_dict(tensors, meta, plan, global_model)
+        self.domains = [tensors[f"domain{d}"] for d in range(meta["domains"])]

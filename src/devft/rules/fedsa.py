@@ -32,6 +32,9 @@ class FedSALoRA(Rule):
         # the server's B stays at its (zero) init: it never sees a client's B
         self.global_lora = {**self.global_lora, **weighted_mean(uploads, weights)}
 
+    def expected_upload(self, node: NodeSlot) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in only(self.global_lora, "lora_A").items()}
+
     def begin(self, received: StateDict, env: ClientEnv, template: StateDict) -> StateDict:
         zeros = {k: torch.zeros_like(v) for k, v in only(template, "lora_B").items()}
         full_b = env.store.get(B_STATE)

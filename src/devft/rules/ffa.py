@@ -36,6 +36,18 @@ class FFALoRA(Rule):
         self.sending_a.clear()
         self.global_lora = {**only(self.global_lora, "lora_A"), **weighted_mean(uploads, weights)}
 
+    def state_dict(self) -> tuple[dict[str, StateDict], dict[str, Any]]:
+        tensors, _ = super().state_dict()
+        return tensors, {"has_a": {str(k): v for k, v in self.has_a.items()}}
+
+    def load_state_dict(self, tensors: dict[str, StateDict], meta: dict[str, Any],
+                        plan: Any, global_model: Any) -> None:
+        super().load_state_dict(tensors, meta, plan, global_model)
+        self.has_a = {int(k): int(v) for k, v in meta["has_a"].items()}
+
+    def expected_upload(self, node: NodeSlot) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in only(self.global_lora, "lora_B").items()}
+
     def begin(self, received: StateDict, env: ClientEnv, template: StateDict) -> StateDict:
         name = f"ffa-A-stage{env.plan.stage}"
         a = only(received, "lora_A")

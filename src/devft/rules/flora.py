@@ -26,7 +26,7 @@ from devft.core.layerstate import StateDict, split_by_layer
 from devft.core.transfer import transfer_layers
 from devft.methods import get_method
 from devft.rules.base import ClientEnv, NodeSlot, Rule
-from devft.rules.hetlora import client_rank, rank_settings
+from devft.rules.hetlora import client_rank, rank_settings, truncate
 
 STACK = "flora"
 
@@ -72,8 +72,7 @@ class FLoRA(Rule):
     def message(self, node: NodeSlot) -> tuple[StateDict, dict[str, Any]]:
         start = self.delivered.get(node.node_id, 0)
         arrays: StateDict = {}
-        config: dict[str, Any] = {"rank": client_rank(self.cfg.lora.client_ranks,
-                                                      self.cfg.lora.r, node.index, False),
+        config: dict[str, Any] = {"rank": self.rank_of(node),
                                   "flora-pending": list(range(start, len(self.stacks)))}
         for i in range(start, len(self.stacks)):
             groups, tensors = self.stacks[i]
@@ -81,6 +80,14 @@ class FLoRA(Rule):
             config[f"flora-groups-{i}"], config[f"flora-sizes-{i}"] = _flat_groups(groups)
         self.sending[node.node_id] = len(self.stacks)
         return arrays, config
+
+    def expected_upload(self, node: NodeSlot) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in truncate(self.global_lora,
+                                                       self.rank_of(node)).items()}
+
+    def rank_of(self, node: NodeSlot) -> int:
+        """r for every client unless lora.client_ranks sets heterogeneous ranks."""
+        return client_rank(self.cfg.lora.client_ranks, self.cfg.lora.r, node.index, False)
 
     def aggregate(self, uploads: list[StateDict], nodes: list[NodeSlot],
                   weights: list[float]) -> None:
@@ -94,6 +101,22 @@ class FLoRA(Rule):
         groups, tensors = self.stacks[-1]
         merge_stack(global_model.base, len(self.stacks) - 1, groups, tensors,
                     global_model.prefix, self.cfg.method)
+
+    def state_dict(self) -> tuple[dict[str, StateDict], dict[str, Any]]:
+        tensors = {f"stack{i}": t for i, (_, t) in enumerate(self.stacks)}
+        return {"global": self.global_lora, **tensors}, {"groups": [g for g, _ in self.stacks]}
+
+    def load_state_dict(self, tensors: dict[str, StateDict], meta: dict[str, Any],
+                        plan: Any, global_model: Any) -> None:
+        """Restore the stacks and re-merge them into this process's fresh base copy. Clients
+        are new processes too (in-process they share the re-merged base), so every stack
+        counts as undelivered: the first round after a resume re-sends them."""
+        super().load_state_dict(tensors, meta, plan, global_model)
+        self.stacks = [(groups, tensors[f"stack{i}"]) for i, groups in enumerate(meta["groups"])]
+        self.delivered, self.sending = {}, {}
+        for i, (groups, stacked) in enumerate(self.stacks):
+            merge_stack(global_model.base, i, groups, stacked, global_model.prefix,
+                        self.cfg.method)
 
     def export(self, path: Path, global_model: Any) -> bool:
         """Save Σ of all stacks (full-model layers) as one exact PEFT adapter."""

@@ -66,6 +66,10 @@ class HetLoRA(Rule):
         rank = self.rank_of(node)
         return truncate(self.global_lora, rank), {"rank": rank}
 
+    def expected_upload(self, node: NodeSlot) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in truncate(self.global_lora,
+                                                       self.rank_of(node)).items()}
+
     def aggregate(self, uploads: list[StateDict], nodes: list[NodeSlot],
                   weights: list[float]) -> None:
         total = sum(weights)

@@ -42,7 +42,8 @@ def attention_flops(batch: int, seq_len: int, hidden: int, num_layers: int) -> i
     return 12 * batch * seq_len * seq_len * hidden * num_layers
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux), else its peak."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -70,14 +71,14 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
-            self.start_bytes = self.peak_bytes = _rss_bytes()
+            self.start_bytes = self.peak_bytes = rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
             time.sleep(self.interval)
 
     def __exit__(
@@ -92,4 +93,4 @@ class PeakMemory:
             self._stop.set()
             if self._thread is not None:
                 self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
