@@ -103,3 +103,12 @@ def test_compare_writes_table_json_and_plot(capsys, base_args, tmp_path):
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 1000
     for method in ("devft", "fedit"):
         assert (tmp_path / "out" / method / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_compare_reuses_finished_runs(capsys, base_args, tmp_path):
+    assert main(["compare", "--methods", "fedit", *base_args]) == 0
+    summary = (tmp_path / "out" / "fedit" / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(["compare", "--methods", "fedit", *base_args]) == 0
+    assert "reusing the finished run" in capsys.readouterr().err
+    assert (tmp_path / "out" / "fedit" / "summary.json").read_text() == summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,15 @@ from rich.table import Table
 
 from devft.config import RunConfig
 from devft.errors import ConfigError
+from devft.federation.checkpoint import CHECKPOINTS
 from devft.federation.runner import run_method
 from devft.methods import METHOD_NAMES
 from devft.reporting.compare import against_baseline
 from devft.reporting.plots import plot_comparison
-from devft.reporting.recorder import read_metrics
+from devft.reporting.recorder import SUMMARY_FILE, read_metrics
 
 BASELINE = "fedit"
+log = logging.getLogger(__name__)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -32,12 +35,16 @@ def parse_methods(text: str) -> list[str]:
 
 
 def compare_methods(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[str, Any]:
-    """Run each method into out_dir/<method>/ and write comparison.json and comparison.png."""
+    """Run each method into out_dir/<method>/ and write comparison.json and comparison.png.
+
+    No lost work: a method whose run directory already holds a finished run of the same
+    config is reused, and an interrupted one is resumed from its last checkpoint.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries, runs = {}, {}
     for method in methods:
         run_cfg = cfg.replace(**{"method": method, "output.dir": str(out_dir / method)})
-        summaries[method] = run_method(run_cfg)
+        summaries[method] = _finished(run_cfg) or run_method(_maybe_resume(run_cfg))
         runs[method] = read_metrics(out_dir / method)
     baseline = runs[BASELINE]
     comparison = {
@@ -51,6 +58,34 @@ def compare_methods(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[s
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
     plot_comparison(runs, out_dir / "comparison.png", target=comparison["target_eval_loss"])
     return comparison
+
+
+def _same_config(run_cfg: RunConfig) -> bool:
+    path = Path(run_cfg.output.dir) / "config.json"
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    mine = run_cfg.to_dict()
+    return {k: v for k, v in saved.items() if k != "output"} == {
+        k: v for k, v in mine.items() if k != "output"}
+
+
+def _finished(run_cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of an already finished run of exactly this config, if any."""
+    summary = Path(run_cfg.output.dir) / SUMMARY_FILE
+    if summary.is_file() and _same_config(run_cfg):
+        log.info("%s: reusing the finished run in %s", run_cfg.method, run_cfg.output.dir)
+        return json.loads(summary.read_text())
+    return None
+
+
+def _maybe_resume(run_cfg: RunConfig) -> RunConfig:
+    """Resume an interrupted run of this config; otherwise start afresh."""
+    ckpt = Path(run_cfg.output.dir) / CHECKPOINTS / "latest.json"
+    if ckpt.is_file() and _same_config(run_cfg):
+        log.info("%s: resuming the interrupted run in %s", run_cfg.method, run_cfg.output.dir)
+        return run_cfg.replace(**{"output.resume": True})
+    return run_cfg
 
 
 def comparison_table(comparison: dict[str, Any]) -> Table:
