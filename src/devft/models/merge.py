@@ -20,7 +20,8 @@ def merge_layers(model: torch.nn.Module, family: Family, layers: LayerStates) ->
     for index, state in layers.items():
         for a_key in (k for k in state if ".lora_A." in k):
             module = get_attr(decoder[index], a_key.split(".lora_A.")[0])
-            delta = state[a_key.replace(".lora_A.", ".lora_B.")].float() @ state[a_key].float()
+            b, a = state[a_key.replace(".lora_A.", ".lora_B.")], state[a_key]
+            delta = b.to(module.weight.device).float() @ a.to(module.weight.device).float()
             if isinstance(module, Conv1D):
                 delta = delta.T
-            module.weight.add_(delta.to(module.weight.dtype))
+            module.weight.add_(delta.to(module.weight.device, module.weight.dtype))
