@@ -6,6 +6,7 @@ the device lent to this project (see BENCHMARKS.md).
 
 import pytest
 import torch
+from test_federation_run import tiny_cfg
 
 from devft.config import LoraSettings, ModelConfig, TrainConfig
 from devft.federation.runner import run_method
@@ -15,7 +16,6 @@ from devft.models.submodel import StagePlan, stage_model
 from devft.reporting.recorder import read_metrics
 from devft.training.local import train_local
 from devft.training.loss import response_loss
-from test_federation_run import tiny_cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -6,13 +6,13 @@ import time
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
+from test_federation_run import tiny_cfg
 
 from devft.federation.client_app import make_client_app
 from devft.federation.grid import InProcessGrid
 from devft.federation.runner import prepare
 from devft.federation.server_app import make_server_app
 from devft.reporting.recorder import read_metrics
-from test_federation_run import tiny_cfg
 
 CLIENTS = 3
 

@@ -95,7 +95,7 @@ def test_training_changes_only_the_hypernetwork(setup):
     before_net = {k: v.clone() for k, v in net.state_dict().items()}
     before_model = {k: v.detach().clone() for k, v in model.named_parameters()}
     result = train_hypernetwork(
-        model, net, torch.tensor([0.5, 0.5, 0.0]), _batches(cfg, base), cfg, seed=1
+        model, net, torch.tensor([0.5, 0.5, 0.0]), _batches(cfg, base), cfg, 1, "test"
     )
     assert result.steps == 2 and result.examples == 4 and result.tokens > 0
     assert result.flops_est > 0 and result.mean_loss > 0

@@ -1,8 +1,9 @@
 """Long run: 50 rounds, 8 clients, tiny model. Memory stays flat; every round is on disk."""
 
+from test_federation_run import tiny_cfg
+
 from devft.federation.runner import run_method
 from devft.reporting.recorder import read_metrics
-from test_federation_run import tiny_cfg
 
 ROUNDS = 50
 

@@ -30,12 +30,11 @@ from devft.federation.grid import MeteredGrid
 from devft.federation.strategy import StagedStrategy
 from devft.federation.wire import to_array_record
 from devft.models.loading import release_private_base
-from devft.models.lora import lora_parameter_count
 from devft.models.submodel import StagePlan
 from devft.reporting.plots import plot_run
-from devft.training.accounting import rss_bytes
 from devft.reporting.recorder import RunRecorder, read_metrics
 from devft.rules import make_rule
+from devft.training.accounting import rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class ServerRun:
                     self.recorder.stage_started(stage.index, stage.num_layers, stage.rounds,
                                                 self.plan.group_lists())
                     self.rule.start_stage(sub_lora, self.plan)
-                trainable = lora_parameter_count(self.rule.eval_lora())
+                trainable = self.rule.trainable_count()
                 self.strategy.begin_stage(self.plan, offset, done)
                 if stage.rounds > done:
                     self.strategy.start(

@@ -99,6 +99,10 @@ class Rule:
                   weights: list[float]) -> None:
         self.global_lora = weighted_mean(uploads, weights)
 
+    def trainable_count(self) -> int:
+        """Parameters the clients train this stage (for the metrics)."""
+        return sum(v.numel() for v in self.global_lora.values())
+
     def expected_upload(self, node: NodeSlot) -> dict[str, tuple[int, ...]]:
         """Keys and shapes a valid reply from `node` carries (checked before aggregation)."""
         return {k: tuple(v.shape) for k, v in self.global_lora.items()}

@@ -119,9 +119,9 @@ class HyperLoRA(nn.Module):
         e = self.layer_emb[layers] + self.module_emb[modules] + self.client(descriptor)
         out: StateDict = {}
         for name, idx in self.groups.items():
-            w = self.heads[name](e[idx])
-            for j, i in enumerate(idx):
-                out[self.slots[i].key] = w[j] if name[0] == "A" else w[j].T
+            w = self.heads[name](e[idx])  # (M, r, d); unbind: one backward op, not M selects
+            w = w if name[0] == "A" else w.transpose(1, 2)
+            out.update((self.slots[i].key, wi) for i, wi in zip(idx, w.unbind(0)))
         return out
 
     def param_count(self) -> int:
@@ -217,6 +217,9 @@ class C2A(Rule):
         self.net.load_state_dict(from_wire(weighted_mean(uploads, weights)))
         self.global_lora = generate(self.net, self.descriptor)
 
+    def trainable_count(self) -> int:
+        return self.net.param_count()
+
     def expected_upload(self, node: NodeSlot) -> dict[str, tuple[int, ...]]:
         assert self.net is not None
         return {k: tuple(v.shape) for k, v in to_wire(self.net).items()}
@@ -269,13 +272,7 @@ class C2A(Rule):
 
 
 def train_hypernetwork(
-    model: Any,
-    net: HyperLoRA,
-    descriptor: Tensor,
-    batches: Any,
-    cfg: Any,
-    seed: int,
-    desc: str = "",
+    model: Any, net: HyperLoRA, descriptor: Tensor, batches: Any, cfg: Any, seed: int, desc: str
 ) -> Any:
     """`train_local` on the hypernetwork alone, the PEFT model's LoRA generated each step."""
     from devft.models.families import family_of
@@ -284,20 +281,10 @@ def train_hypernetwork(
 
     set_trainable(model, lambda _: False)
     device = next(model.parameters()).device
-    net.to(device)
     inner = model.base_model.model
     layers, head = family_of(inner).layers(inner), inner.get_output_embeddings()
-    generated = Generated(model, net, descriptor.to(device))
-    return train_local(
-        generated,
-        batches,
-        cfg.train,
-        layers,
-        head,
-        seed,
-        cfg.output.progress,
-        desc or "local steps",
-    )
+    run = Generated(model, net.to(device), descriptor.to(device))
+    return train_local(run, batches, cfg.train, layers, head, seed, cfg.output.progress, desc)
 
 
 def carry_over(old: HyperLoRA, old_plan: Any, new: HyperLoRA, plan: Any) -> None:
