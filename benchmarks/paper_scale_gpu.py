@@ -68,8 +68,10 @@ def main() -> None:
                           num_attention_heads=args.heads, num_key_value_heads=args.heads,
                           max_position_embeddings=4096, bos_token_id=256, eos_token_id=257,
                           pad_token_id=257)
-        save_random_model(cfg, model_dir, dtype=torch.bfloat16)
+        save_random_model(cfg, model_dir, dtype=torch.bfloat16, device=args.device)
+        torch.cuda.empty_cache() if args.device == "cuda" else None
     build_s = time.time() - t0
+    print(f"model ready in {build_s:.0f} s", flush=True)
     data = synthetic_records(out / "data.jsonl", 400)
     stages = [max(1, args.layers // 8), max(2, args.layers // 4), args.layers // 2, args.layers]
     results = {}
@@ -83,6 +85,7 @@ def main() -> None:
             f"output.dir={out / method}", "output.progress=false"])
         start = time.time()
         summary = run_method(cfg)
+        print(f"{method}: {time.time() - start:.0f} s", flush=True)
         records = read_metrics(out / method)[1:]
         results[method] = {
             "run_s": time.time() - start, "summary": summary,
