@@ -190,6 +190,18 @@ def test_cli_rejects_bad_input(argv, match):
         eval_main(parse(argv))
 
 
+def test_devft_eval_is_a_subcommand_with_clean_errors(saved_adapter, tmp_path, capsys):
+    from devft.cli import main
+
+    assert main(["eval", "--tasks", "arc_easy,bogus"]) == 2
+    assert "--tasks = 'bogus'" in capsys.readouterr().err
+    adapter_dir, _ = saved_adapter
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--adapter", str(adapter_dir), "--tasks", "copa", "--limit", "2"]
+    assert main([*argv, "--loss-examples", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tasks"]["copa"]["n"] == 2
+
+
 def test_pickled_adapters_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "x"}))

@@ -14,7 +14,7 @@ from devft.cli import main
 from devft.reporting.recorder import read_metrics
 
 TIMING = ("wall_time_s", "eval_time_s", "client_time_sum_s", "client_time_max_s",
-          "client_peak_mem_bytes", "client_mem_delta_bytes")
+          "client_peak_mem_bytes", "client_mem_delta_bytes", "process_rss_bytes")
 
 
 def _args(model_dir, data_file, method):

@@ -1,5 +1,5 @@
-"""Command line: `devft run`, `devft compare`. Owns all printing; user mistakes exit 2 with
-one clear message and no stack trace."""
+"""Command line: `devft run`, `devft compare`, `devft eval`. Owns all printing; user mistakes
+exit 2 with one clear message and no stack trace."""
 
 from __future__ import annotations
 
@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["compare"].add_argument(
         "--methods", default="devft,fedit", help="comma-separated methods (fedit is always added)"
     )
+    from devft.evaluation.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        if args.command == "eval":
+            from devft.evaluation.cli import eval_main
+
+            return eval_main(args)
         return _dispatch(args)
     except DevFTError as err:
         print(f"devft: error: {err}", file=sys.stderr)
