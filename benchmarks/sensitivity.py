@@ -1,0 +1,115 @@
+"""Where does DevFT help? DevFT variants against one FedIT run of the same base config.
+
+Each variant is DevFT with a few config overrides (beta, the stage schedule, rounds per stage,
+the similarity and Laplacian of the grouping); every variant and FedIT share the seed,
+partitions, total rounds and per-round client budget, so a DevFT variant never spends more
+client compute than FedIT (its stages are smaller). Fusion, grouping and transfer variants are
+methods of their own (`devft-avgfusion`, `devft-random`, `devft-scaledtransfer`, ...) and are
+run by `devft compare`; this script covers the knobs that are config values. The FedIT run is
+reused from --baseline when it holds a finished run of the same base config, else run into
+OUT/fedit. Finished variants are reused. Writes OUT/sensitivity.json (per variant: final
+held-out loss, its delta to FedIT, time and bytes to FedIT's final loss, the full model's
+held-out loss at the end of each stage) and OUT/sensitivity.png.
+
+    python benchmarks/sensitivity.py --baseline runs/all-methods/fedit --out runs/bench/sensitivity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from devft.cli import _setup_logging  # noqa: E402
+from devft.config import load_config  # noqa: E402
+from devft.federation.runner import run_method  # noqa: E402
+from devft.reporting.compare import against_baseline  # noqa: E402
+from devft.reporting.recorder import SUMMARY_FILE, read_metrics  # noqa: E402
+
+VARIANTS: dict[str, list[str]] = {
+    "default (beta 0.1, 4/8/15/30, hidden+normalized)": [],
+    "beta 0": ["devft.beta=0.0"],
+    "beta 0.3": ["devft.beta=0.3"],
+    "stages 8/15/30": ["devft.stages=[8,15,30]"],
+    "stages 15/30": ["devft.stages=[15,30]"],
+    "rounds/stage 1/1/1/5": ["devft.rounds_per_stage=[1,1,1,5]"],
+    "weights + unnormalized (paper literal)": ["devft.similarity=weights",
+                                               "devft.laplacian=unnormalized"],
+}
+
+
+def _run(config: str | None, overrides: list[str], out: Path) -> list[dict[str, Any]]:
+    """A finished run in `out` of exactly this config is reused; otherwise (re)run it."""
+    cfg = load_config(config, [*overrides, f"output.dir={out}", "output.progress=false"])
+    saved = out / "config.json"
+    same = saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items()
+                                if k != "output"} == {k: v for k, v in cfg.to_dict().items()
+                                                      if k != "output"}
+    if not (same and (out / SUMMARY_FILE).is_file()):
+        if out.exists():
+            shutil.rmtree(out)
+        run_method(cfg)
+    return read_metrics(out)
+
+
+def stage_ends(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The full model's held-out loss after the last round of each stage."""
+    ends: dict[int, dict[str, Any]] = {}
+    for r in records[1:]:
+        ends[r["stage"]] = {"stage": r["stage"], "layers": r.get("layers_trained"),
+                            "round": r["round"], "eval_loss": r["eval_loss"]}
+    return list(ends.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--baseline", help="a finished FedIT run of the same config to reuse")
+    ap.add_argument("--variants", help="comma-separated subset of the variant names' indices")
+    ap.add_argument("--out", default="runs/bench/sensitivity")
+    args = ap.parse_args()
+    _setup_logging(verbose=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(VARIANTS)
+    if args.variants:
+        names = [names[int(i)] for i in args.variants.split(",")]
+    base_dir = Path(args.baseline) if args.baseline else out / "fedit"
+    baseline = _run(args.config, ["method=fedit"], base_dir)
+    runs, result = {"fedit": baseline}, {"baseline": str(base_dir), "variants": {}}
+    for i, name in enumerate(names):
+        records = _run(args.config, ["method=devft", *VARIANTS[name]], out / f"variant-{i}")
+        runs[name] = records
+        result["variants"][name] = {"overrides": VARIANTS[name],
+                                    "final_eval_loss": records[-1]["eval_loss"],
+                                    "vs_fedit": against_baseline(records, baseline),
+                                    "stage_ends": stage_ends(records)}
+        (out / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, records in runs.items():
+        ax.plot([r["round"] for r in records], [r["eval_loss"] for r in records], label=name,
+                lw=2.5 if name == "fedit" else 1.2, color="black" if name == "fedit" else None)
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out loss (full model, global LoRA)")
+    ax.set_title("DevFT variants vs FedIT, same seed, partitions and rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "sensitivity.png", dpi=120)
+    for name, v in result["variants"].items():
+        s = v["vs_fedit"]
+        print(f"{name:45s} final {v['final_eval_loss']:.4f} ({s['final_eval_loss_delta']:+.4f} "
+              f"vs fedit); stage ends "
+              + " ".join(f"{e['eval_loss']:.3f}" for e in v["stage_ends"]))
+    print(f"sensitivity.json and sensitivity.png in {out}")
+
+
+if __name__ == "__main__":
+    main()
