@@ -28,10 +28,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from devft.cli import _setup_logging  # noqa: E402
+from devft.comparison import _finished  # noqa: E402
 from devft.config import load_config  # noqa: E402
 from devft.federation.runner import run_method  # noqa: E402
 from devft.reporting.compare import against_baseline  # noqa: E402
-from devft.reporting.recorder import SUMMARY_FILE, read_metrics  # noqa: E402
+from devft.reporting.recorder import read_metrics  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "default (beta 0.1, 4/8/15/30, hidden+normalized)": [],
@@ -48,11 +49,7 @@ VARIANTS: dict[str, list[str]] = {
 def _run(config: str | None, overrides: list[str], out: Path) -> list[dict[str, Any]]:
     """A finished run in `out` of exactly this config is reused; otherwise (re)run it."""
     cfg = load_config(config, [*overrides, f"output.dir={out}", "output.progress=false"])
-    saved = out / "config.json"
-    same = saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items()
-                                if k != "output"} == {k: v for k, v in cfg.to_dict().items()
-                                                      if k != "output"}
-    if not (same and (out / SUMMARY_FILE).is_file()):
+    if _finished(cfg) is None:
         if out.exists():
             shutil.rmtree(out)
         run_method(cfg)
