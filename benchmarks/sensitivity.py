@@ -69,19 +69,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--baseline", help="a finished FedIT run of the same config to reuse")
-    ap.add_argument("--variants", help="comma-separated subset of the variant names' indices")
+    ap.add_argument("--variants", help="comma-separated indices into VARIANTS (default: all)")
     ap.add_argument("--out", default="runs/bench/sensitivity")
     args = ap.parse_args()
     _setup_logging(verbose=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = list(VARIANTS)
+    picked = range(len(VARIANTS))
     if args.variants:
-        names = [names[int(i)] for i in args.variants.split(",")]
+        picked = [int(i) for i in args.variants.split(",")]
+    names = {i: list(VARIANTS)[i] for i in picked}  # OUT/variant-<i>: i = the index in VARIANTS
     base_dir = Path(args.baseline) if args.baseline else out / "fedit"
     baseline = _run(args.config, ["method=fedit"], base_dir)
     runs, result = {"fedit": baseline}, {"baseline": str(base_dir), "variants": {}}
-    for i, name in enumerate(names):
+    for i, name in names.items():
         records = _run(args.config, ["method=devft", *VARIANTS[name]], out / f"variant-{i}")
         runs[name] = records
         result["variants"][name] = {"overrides": VARIANTS[name],
