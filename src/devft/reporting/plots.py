@@ -75,7 +75,9 @@ def plot_comparison(
     runs: dict[str, list[dict[str, Any]]], path: Path, target: float | None = None
 ) -> None:
     """Held-out loss of each method against round, cumulative bytes and wall time."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    many = len(runs) > 10  # beyond one colour cycle: tab20 plus a line style per cycle
+    fig, axes = plt.subplots(1, 3, figsize=(18 if many else 15, 4.8 if many else 4.2),
+                             sharey=True)
     xs = [
         ("round", "round", 1),
         ("cum_bytes", "communication (MB, up + down)", 1e6),
@@ -86,16 +88,20 @@ def plot_comparison(
             ax.plot(
                 [r[key] / scale for r in records],
                 [r["eval_loss"] for r in records],
-                "o-",
+                "o-" if i < 20 else "s--",
                 ms=3,
-                color=f"C{i % 10}",
+                lw=2.2 if method == "fedit" else 1.2,
+                color=plt.get_cmap("tab20")(i % 20) if many else f"C{i % 10}",
                 label=method,
             )
         if target is not None:
             ax.axhline(target, color="grey", ls="--", lw=0.8, label="target (FedIT final)")
         ax.set_xlabel(label)
     axes[0].set_ylabel("held-out loss (full model)")
-    axes[0].legend(fontsize=8)
+    if many:
+        axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
