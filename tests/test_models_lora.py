@@ -93,6 +93,23 @@ def test_seeded_init_is_deterministic_per_seed(peft):
             assert value.abs().max() <= bound
 
 
+def test_lora_state_matches_peft_and_follows_replaced_parameters(peft):
+    from peft import get_peft_model_state_dict
+
+    reference = get_peft_model_state_dict(peft)
+    state = get_lora_state(peft)  # through the cached key -> parameter map
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in state)
+    key = next(k for k in state if ".lora_B." in k)
+    module = peft.get_submodule(key.rsplit(".", 1)[0])["default"]
+    module.weight = torch.nn.Parameter(torch.full_like(module.weight, 7.0))  # a new object
+    assert torch.equal(get_lora_state(peft)[key], torch.full_like(state[key], 7.0))
+    set_lora_state(peft, state)
+    assert torch.equal(module.weight, state[key])
+    with pytest.raises(ValueError, match="has shape"):
+        set_lora_state(peft, {**state, key: torch.zeros(3, 3)})
+
+
 def test_zero_b_lora_leaves_the_base_logits_unchanged():
     model = tiny_model("llama", num_layers=4)
     with torch.no_grad():
