@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from devft.cli import _setup_logging  # noqa: E402
+from devft.cli import setup_logging  # noqa: E402
 from devft.comparison import compare_methods, parse_methods  # noqa: E402
 from devft.config import RunConfig, load_config  # noqa: E402
 from devft.reporting.recorder import read_metrics  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
                     help="items per MC task for the final adapters (0 = no MC evaluation)")
     ap.add_argument("--out", default="runs/bench/convergence")
     args = ap.parse_args()
-    _setup_logging(verbose=False)  # devft's own log format; Flower's notices quieted
+    setup_logging(verbose=False)  # devft's own log format; Flower's notices quieted
     methods = parse_methods(args.methods)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import get_peft_model, set_peft_model_state_dict
 
 import devft.federation.client_app as client_app
 from devft.config import RunConfig, load_config
@@ -51,7 +51,7 @@ from devft.data import collate, encode, federated_data
 from devft.federation.global_model import GlobalModel
 from devft.federation.grid import InProcessGrid
 from devft.federation.wire import plan_to_config, to_array_record, wire_bytes
-from devft.models.lora import attach_lora, target_modules
+from devft.models.lora import attach_lora, peft_config
 from devft.models.submodel import StagePlan, build_submodel
 from devft.rules import NodeSlot, make_rule
 from devft.training.loss import response_loss
@@ -134,9 +134,7 @@ def measure_stage(cfg: RunConfig, gm: GlobalModel, plan: StagePlan, sub_lora: di
     server_rule.start_stage(sub_lora, plan)
     # the bare loop: its own peft model of the same submodel, the same batches as partition 0
     sub = build_submodel(base.model, base.family, plan.group_lists(), plan.beta, plan.fusion)
-    bare = get_peft_model(sub, LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
-        target_modules=target_modules(cfg.lora, base.family, sub), task_type="CAUSAL_LM"))
+    bare = get_peft_model(sub, peft_config(cfg.lora, base.family, sub))
     tok = base.tokenizer
     data = federated_data(cfg.data, n, cfg.seed)
     batches = [collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from devft.cli import _setup_logging  # noqa: E402
+from devft.cli import setup_logging  # noqa: E402
 from devft.config import load_config  # noqa: E402
 from devft.federation.runner import run_method  # noqa: E402
 from devft.reporting.recorder import read_metrics  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--stages", default="8,30", help="DevFT's two stages (small, full)")
     ap.add_argument("--out", default="runs/bench/scaling")
     args = ap.parse_args()
-    _setup_logging(verbose=False)
+    setup_logging(verbose=False)
     out = Path(args.out)
     rows: list[dict[str, Any]] = []
     for n in (int(c) for c in args.clients.split(",")):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from devft.cli import _setup_logging  # noqa: E402
-from devft.comparison import _finished  # noqa: E402
+from devft.cli import setup_logging  # noqa: E402
+from devft.comparison import run_or_reuse  # noqa: E402
 from devft.config import load_config  # noqa: E402
-from devft.federation.runner import run_method  # noqa: E402
 from devft.reporting.compare import against_baseline  # noqa: E402
 from devft.reporting.recorder import read_metrics  # noqa: E402
 
@@ -47,12 +45,9 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def _run(config: str | None, overrides: list[str], out: Path) -> list[dict[str, Any]]:
-    """A finished run in `out` of exactly this config is reused; otherwise (re)run it."""
-    cfg = load_config(config, [*overrides, f"output.dir={out}", "output.progress=false"])
-    if _finished(cfg) is None:
-        if out.exists():
-            shutil.rmtree(out)
-        run_method(cfg)
+    """The run's round records; a finished run of exactly this config in `out` is reused and
+    an interrupted one resumed (as `devft compare` does)."""
+    run_or_reuse(load_config(config, [*overrides, f"output.dir={out}", "output.progress=false"]))
     return read_metrics(out)
 
 
@@ -72,7 +67,7 @@ def main() -> None:
     ap.add_argument("--variants", help="comma-separated indices into VARIANTS (default: all)")
     ap.add_argument("--out", default="runs/bench/sensitivity")
     args = ap.parse_args()
-    _setup_logging(verbose=False)
+    setup_logging(verbose=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     picked = range(len(VARIANTS))

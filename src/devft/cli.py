@@ -27,7 +27,8 @@ class _NoEvaluateWarning(logging.Filter):
         return "fraction_evaluate is set to 0.0" not in record.getMessage()
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
+    """devft's log format on stderr (progress-bar safe); Flower's notices quieted."""
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("devft")
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         if args.command == "eval":
             from devft.evaluation.cli import eval_main

@@ -44,7 +44,7 @@ def compare_methods(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[s
     summaries, runs = {}, {}
     for method in methods:
         run_cfg = cfg.replace(**{"method": method, "output.dir": str(out_dir / method)})
-        summaries[method] = _finished(run_cfg) or run_method(_maybe_resume(run_cfg))
+        summaries[method] = run_or_reuse(run_cfg)
         runs[method] = read_metrics(out_dir / method)
     baseline = runs[BASELINE]
     comparison = {
@@ -58,6 +58,12 @@ def compare_methods(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[s
     (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
     plot_comparison(runs, out_dir / "comparison.png", target=comparison["target_eval_loss"])
     return comparison
+
+
+def run_or_reuse(run_cfg: RunConfig) -> dict[str, Any]:
+    """The summary of a finished run of exactly this config in its output dir, if there is
+    one; else the run, resumed from its last checkpoint when it was interrupted."""
+    return _finished(run_cfg) or run_method(_maybe_resume(run_cfg))
 
 
 def _same_config(run_cfg: RunConfig) -> bool:
