@@ -26,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from common import int_list, run_script  # noqa: E402
 
 from devft.cli import setup_logging  # noqa: E402
 from devft.comparison import compare_methods, parse_methods  # noqa: E402
@@ -110,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--methods", default="devft,fedit")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", type=int_list, default="0,1,2")
     ap.add_argument("--partitions", default="iid,dirichlet")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--mc-limit", type=int, default=100,
@@ -119,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     setup_logging(verbose=False)  # devft's own log format; Flower's notices quieted
     methods = parse_methods(args.methods)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     out = Path(args.out)
     results: dict[str, Any] = {"methods": methods, "seeds": seeds, "partitions": {}}
     curves: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
@@ -157,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

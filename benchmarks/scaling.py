@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from common import int_list, run_script  # noqa: E402
 
 from devft.cli import setup_logging  # noqa: E402
 from devft.config import load_config  # noqa: E402
@@ -76,14 +77,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
-    ap.add_argument("--clients", default="2,4,8,16")
+    ap.add_argument("--clients", type=int_list, default="2,4,8,16")
     ap.add_argument("--stages", default="8,30", help="DevFT's two stages (small, full)")
     ap.add_argument("--out", default="runs/bench/scaling")
     args = ap.parse_args()
     setup_logging(verbose=False)
     out = Path(args.out)
     rows: list[dict[str, Any]] = []
-    for n in (int(c) for c in args.clients.split(",")):
+    for n in args.clients:
         for method in ("fedit", "devft"):
             rows += measure(args.config, method, n, args.stages, out / f"{method}-{n}")
             (out / "scaling.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
@@ -96,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from common import int_list, run_script  # noqa: E402
 
 from devft.cli import setup_logging  # noqa: E402
 from devft.comparison import run_or_reuse  # noqa: E402
@@ -64,15 +65,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--baseline", help="a finished FedIT run of the same config to reuse")
-    ap.add_argument("--variants", help="comma-separated indices into VARIANTS (default: all)")
+    ap.add_argument("--variants", type=int_list,
+                    help="comma-separated indices into VARIANTS (default: all)")
     ap.add_argument("--out", default="runs/bench/sensitivity")
     args = ap.parse_args()
     setup_logging(verbose=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    picked = range(len(VARIANTS))
-    if args.variants:
-        picked = [int(i) for i in args.variants.split(",")]
+    picked = args.variants or range(len(VARIANTS))
+    if any(not 0 <= i < len(VARIANTS) for i in picked):
+        ap.error(f"--variants {args.variants}: indices 0..{len(VARIANTS) - 1} of "
+                 + "; ".join(f"{i} {name}" for i, name in enumerate(VARIANTS)))
     names = {i: list(VARIANTS)[i] for i in picked}  # OUT/variant-<i>: i = the index in VARIANTS
     base_dir = Path(args.baseline) if args.baseline else out / "fedit"
     baseline = _run(args.config, ["method=fedit"], base_dir)
@@ -105,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
