@@ -36,7 +36,7 @@ from devft.reporting.recorder import read_metrics  # noqa: E402
 VARIANTS: dict[str, list[str]] = {
     "default (beta 0.1, 4/8/15/30, hidden+normalized)": [],
     "beta 0": ["devft.beta=0.0"],
-    "beta 0.3": ["devft.beta=0.3"],
+    "beta 0.14 (the largest the 4-layer stage allows)": ["devft.beta=0.14"],
     "stages 8/15/30": ["devft.stages=[8,15,30]"],
     "stages 15/30": ["devft.stages=[15,30]"],
     "rounds/stage 1/1/1/5": ["devft.rounds_per_stage=[1,1,1,5]"],

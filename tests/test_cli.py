@@ -112,3 +112,10 @@ def test_compare_reuses_finished_runs(capsys, base_args, tmp_path):
     assert main(["compare", "--methods", "fedit", *base_args]) == 0
     assert "reusing the finished run" in capsys.readouterr().err
     assert (tmp_path / "out" / "fedit" / "summary.json").read_text() == summary
+
+
+def test_beta_that_even_groups_would_clamp_is_refused(capsys, base_args):
+    # 4 layers, stages 1,4: the first stage's one group of 4 allows beta <= 1/3
+    line = _fails(capsys, ["run", *base_args, "--set", "devft.stages=1,4",
+                           "--set", "devft.beta=0.5"], "devft.beta", "0.5", "0.3333")
+    assert "1-layer stage" in line

@@ -5,7 +5,14 @@ import logging
 import pytest
 import torch
 
-from devft.core.fusion import fuse_group, fuse_layers, fusion_coefficients
+from devft.core.fusion import (
+    check_beta_for_stages,
+    clamped_groups,
+    fuse_group,
+    fuse_layers,
+    fusion_coefficients,
+)
+from devft.errors import ConfigError
 
 VARIANTS = ["differential", "anchor", "average"]
 
@@ -72,7 +79,7 @@ def test_differential_formula_hand_computed(layers):
     torch.testing.assert_close(fused[1]["mlp.weight"], torch.tensor([10.0, -4.0]))
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.1, 0.15, 0.3, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.15, 0.3, 1 / 3])  # up to the clamp of |g| = 4
 def test_differential_matches_anchor_plus_beta_sum_of_differences(beta):
     torch.manual_seed(0)
     states = {i: {"w": torch.randn(3, 4), "lora_A": torch.randn(2, 4)} for i in range(5)}
@@ -141,14 +148,26 @@ def test_full_depth_groups_reproduce_every_layer(layers):
 # ---- warning, dtypes, non-float tensors ------------------------------------------------------
 
 
-def test_warns_when_anchor_coefficient_negative(caplog):
-    # 13B-like: |g| = 10, beta = 0.15 -> 1 - 0.15 * 9 = -0.35
-    states = {i: {"w": torch.ones(2)} for i in range(10)}
+def test_negative_anchor_coefficient_is_clamped_and_warned(caplog):
+    # 13B-like: |g| = 10, beta = 0.15 -> 1 - 0.15 * 9 = -0.35: beta clamped to 1/9
+    states = {i: {"w": torch.full((2,), float(i))} for i in range(10)}
     with caplog.at_level(logging.WARNING, logger="devft.core.fusion"):
-        fuse_layers(states, [list(range(10))], beta=0.15)
+        fused = fuse_layers(states, [list(range(10))], beta=0.15)
     assert len(caplog.records) == 1
-    assert caplog.records[0].levelno == logging.WARNING
-    assert "-0.35" in caplog.text and "negative" in caplog.text
+    assert "-0.35" in caplog.text and "clamped" in caplog.text and "0.1111" in caplog.text
+    coeffs = fusion_coefficients(10, 0.15)
+    assert coeffs == pytest.approx([0.0] + [1 / 9] * 9)
+    assert sum(coeffs) == pytest.approx(1.0)
+    assert fused[0]["w"] == pytest.approx(torch.full((2,), 5.0))  # mean of layers 1..9
+    assert clamped_groups([list(range(10)), [10, 11]], 0.15) == [
+        {"group": list(range(10)), "size": 10, "beta": pytest.approx(1 / 9)}]
+    assert clamped_groups([list(range(10))], 0.15, "average") == []
+
+
+def test_clamp_is_continuous_at_the_boundary():
+    assert fusion_coefficients(8, 1 / 7) == pytest.approx([0.0] + [1 / 7] * 7)
+    assert fusion_coefficients(8, 0.1428) == pytest.approx([1 - 0.1428 * 7] + [0.1428] * 7)
+    assert fusion_coefficients(8, 0.5) == pytest.approx([0.0] + [1 / 7] * 7)
 
 
 def test_no_warning_when_anchor_coefficient_non_negative(caplog):
@@ -157,6 +176,17 @@ def test_no_warning_when_anchor_coefficient_non_negative(caplog):
         fuse_layers(states, [list(range(8)), [8, 9, 10]], beta=0.1)  # 0.3 and 0.8
         fuse_layers(states, [list(range(11))], beta=0.15, variant="average")
     assert caplog.records == []
+
+
+def test_beta_that_even_groups_would_clamp_is_refused_up_front():
+    check_beta_for_stages(30, [4, 8, 15, 30], 0.1)  # groups of 8: max 1/7
+    with pytest.raises(ConfigError) as err:
+        check_beta_for_stages(30, [4, 8, 15, 30], 0.3)
+    assert err.value.field == "devft.beta" and "4-layer stage" in str(err.value)
+    assert "0.1429" in str(err.value)
+    with pytest.raises(ConfigError):
+        check_beta_for_stages(40, [5, 10, 20, 40], 0.15)  # the doubling 13B reading
+    check_beta_for_stages(40, [6, 12, 24, 40], 0.15)
 
 
 def test_bf16_in_bf16_out_computed_in_fp32():

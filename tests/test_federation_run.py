@@ -107,3 +107,26 @@ def test_runs_are_deterministic(tiny_model_dir, tiny_data_file, tmp_path, runs):
     a = load_file(tmp_path / "again" / "adapter" / "adapter_model.safetensors")
     b = load_file(runs["devft"][1] / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_boundaries_log_adapter_norms_and_the_fresh_first_stage(runs):
+    records = read_metrics(runs["devft"][1])
+    starts = [r for r in records if "stage_start" in r]
+    assert [r["stage"] for r in starts] == [0, 1]  # one report at each stage boundary
+    first = starts[0]["stage_start"]
+    assert first["fresh_init_groups"] == [0, 1]  # stages 2,4 of 4 layers: both groups fused
+    assert first["clamped_groups"] == [] and first["fusion_cross_term"] is None
+    assert first["submodel_adapter_norms"]["layers"] == 2
+    assert first["submodel_adapter_norms"]["B"]["max"] == 0.0
+    last = starts[1]["stage_start"]  # the full stage: singletons, nothing fused or fresh
+    assert last["fresh_init_groups"] == [] and last["fusion_cross_term"] is None
+    assert last["full_adapter_norms"]["B"]["min"] > 0  # the transferred, trained B
+    for r in records:
+        norms = r["adapter_norms"]
+        assert norms["full"]["layers"] == 4
+        assert ("submodel" in norms) == (r["layers_trained"] < 4)
+        for part in ("A", "B"):
+            stats = norms["full"][part]
+            assert stats["min"] <= stats["mean"] <= stats["max"]
+    summary_stage = runs["devft"][0]["stages"][0]
+    assert summary_stage["fresh_init_groups"] == [0, 1]

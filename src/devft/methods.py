@@ -30,6 +30,9 @@ class MethodSpec:
     """How a submodel layer's LoRA goes back to its group's layers (devft.core.transfer)."""
     aggregation: str = "fedavg"
     """Aggregation rule for client LoRA updates (devft.rules)."""
+    untrained_init: str = "fresh"
+    """Initial LoRA of a never-trained group: `fresh` standard init, or `fused` random A as the
+    formula gives (devft.core.initial_adapter)."""
     description: str = ""
 
 
@@ -75,6 +78,9 @@ METHODS.update({
                                     description="variant: transfer B/|g| to each group layer"),
     "devft-anchortransfer": replace(_DEVFT, name="devft-anchortransfer", transfer="anchor",
                                     description="variant: transfer to the anchor layer only"),
+    "devft-fusedinit": replace(_DEVFT, name="devft-fusedinit", untrained_init="fused",
+                               description="ablation: the fusion formula applied to the "
+                               "untrained initial LoRA too (fused random A, shrunken)"),
 })
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

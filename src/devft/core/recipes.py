@@ -19,6 +19,8 @@ from devft.core.grouping import Groups, Laplacian, contiguous_groups, group_laye
 
 Recipe = Literal["spectral", "contiguous", "random", "prefix", "layerdrop"]
 RECIPES: tuple[str, ...] = ("spectral", "contiguous", "random", "prefix", "layerdrop")
+FUSING_RECIPES: tuple[str, ...] = ("spectral", "contiguous", "random")
+"""Recipes whose groups have several layers (the others train single real layers)."""
 
 
 def random_groups(num_layers: int, k: int, seed: int) -> Groups:

@@ -1,8 +1,9 @@
 """The server's global model: the full model's LoRA and the stage operations on it.
 
 Per stage: group the layers on the current global model, fuse each group's LoRA into the
-submodel's initial adapter (clients fuse the frozen base weights themselves from their own
-copy of the base model). Per round: transfer the aggregated submodel LoRA back to the full
+submodel's initial adapter, except never-trained groups, which start from a fresh init
+(devft.core.initial_adapter); clients fuse the frozen base weights themselves from their own
+copy of the base model. Per round: transfer the aggregated submodel LoRA back to the full
 model and evaluate both. No flwr here; the strategy and ServerApp drive it.
 """
 
@@ -10,15 +11,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from devft.config import RunConfig
+from devft.core.adapter_stats import adapter_norms, stage_start_report
+from devft.core.fusion import clamped_groups
 from devft.core.grouping import Groups, format_groups
+from devft.core.initial_adapter import initial_submodel_adapter
 from devft.core.layerstate import StateDict
 from devft.core.recipes import stage_groups
 from devft.core.schedule import Stage, build_schedule, full_model_schedule
-from devft.core.stagemaps import fuse_state, transfer_state
+from devft.core.stagemaps import transfer_state
 from devft.data import collate, encode, federated_data
 from devft.methods import get_method
 from devft.models.layer_similarity import hidden_similarity, weight_similarity
@@ -43,6 +48,9 @@ class GlobalModel:
         self.data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
         self.full = stage_model(self.base, StagePlan.full(self.depth), cfg.lora)
         self.lora: StateDict = seeded_lora_init(self.full, cfg.seed)
+        self.initial_lora: StateDict = {k: v.clone() for k, v in self.lora.items()}
+        self.stage_report: dict[str, Any] = {}
+        """Adapter norms, fusion cross term, fresh and clamped groups of the last plan_stage."""
         tok, max_len = self.base.tokenizer, cfg.data.max_seq_len
         self.eval_batches = heldout_batches(self.data, tok, cfg.data)
         calib = self.data.calibration_indices(cfg.devft.calibration_examples)
@@ -76,13 +84,33 @@ class GlobalModel:
         return self.similarity().numpy()
 
     def plan_stage(self, stage: Stage) -> tuple[StagePlan, StateDict]:
-        """The stage's plan (groups, fusion) and its submodel's initial LoRA."""
+        """The stage's plan (groups, fusion) and its submodel's initial LoRA.
+
+        Also fills `stage_report` with what explains the stage's start: both adapters' norms,
+        the fusion cross term, the groups that got a fresh init and those whose β was clamped.
+        """
         groups = self.group(stage.num_layers)
         plan = StagePlan(stage.index, tuple(tuple(g) for g in groups), self.cfg.devft.beta,
                          self.method.fusion)
         log.info("stage %d: %d layers, groups %s", stage.index, stage.num_layers,
                  format_groups(groups))
-        return plan, fuse_state(self.lora, groups, plan.beta, plan.fusion, self.prefix)
+        sub, fresh = initial_submodel_adapter(
+            self.lora, self.initial_lora, groups, plan.beta, plan.fusion, self.prefix,
+            untrained=self.method.untrained_init, seed=self.cfg.seed, stage=stage.index)
+        self.stage_report = {
+            **stage_start_report(self.lora, sub, groups, plan.beta, plan.fusion, self.prefix,
+                                 self.cfg.lora.r),
+            "fresh_init_groups": fresh,
+            "clamped_groups": clamped_groups(groups, plan.beta, plan.fusion),
+        }
+        return plan, sub
+
+    def adapter_norms(self, sub_lora: StateDict | None = None) -> dict[str, Any]:
+        """Per-layer ‖A‖, ‖B‖ stats of the full model's LoRA (and of a submodel's)."""
+        out = {"full": adapter_norms(self.lora, self.prefix, self.cfg.lora.r)}
+        if sub_lora is not None:
+            out["submodel"] = adapter_norms(sub_lora, self.prefix, self.cfg.lora.r)
+        return out
 
     def absorb(self, plan: StagePlan, sub_lora: StateDict) -> None:
         """Transfer the submodel's aggregated LoRA into the full model's global LoRA."""

@@ -10,6 +10,8 @@ from typing import Any
 from flwr.app import Context, RecordDict
 
 from devft.config import RunConfig
+from devft.core.fusion import check_beta_for_stages
+from devft.core.recipes import FUSING_RECIPES
 from devft.core.schedule import build_schedule
 from devft.data import federated_data
 from devft.federation.client_app import make_client_app
@@ -31,11 +33,14 @@ def prepare(cfg: RunConfig) -> None:
     resolve_device(cfg.model.device)
     base = load_base_model(cfg.model)
     target_modules(cfg.lora, base.family, base.model)
-    if get_method(cfg.method).staged:
+    method = get_method(cfg.method)
+    if method.staged:
         d = cfg.devft
-        build_schedule(
+        schedule = build_schedule(
             base.num_layers, d.stages, d.num_stages, d.rounds_per_stage, cfg.federation.rounds
         )
+        if method.fusion == "differential" and method.recipe in FUSING_RECIPES:
+            check_beta_for_stages(base.num_layers, [s.num_layers for s in schedule], d.beta)
     federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
 
 

@@ -59,6 +59,7 @@ class ServerRun:
         self.recorder = RunRecorder(self.out, cfg.method, sum(s.rounds for s in self.schedule),
                                     cfg.output.progress, fresh=not cfg.output.resume)
         self.plan: StagePlan | None = None
+        self.stage_report: dict[str, Any] | None = None
 
     def run(self) -> dict[str, Any]:
         """Every stage through Flower (from the last checkpoint when resuming); then the
@@ -69,8 +70,9 @@ class ServerRun:
             for stage in self.schedule[first_stage:]:
                 if done == 0:
                     self.plan, sub_lora = self.model.plan_stage(stage)
+                    self.stage_report = self.model.stage_report
                     self.recorder.stage_started(stage.index, stage.num_layers, stage.rounds,
-                                                self.plan.group_lists())
+                                                self.plan.group_lists(), self.stage_report)
                     self.rule.start_stage(sub_lora, self.plan)
                 trainable = self.rule.trainable_count()
                 self.strategy.begin_stage(self.plan, offset, done)
@@ -171,6 +173,9 @@ class ServerRun:
         }
         if record["eval_loss"] is None:
             record["eval_loss"] = math.nan
+        record["adapter_norms"] = self.model.adapter_norms(None if full else self.rule.eval_lora())
+        if self.stage_report is not None:  # the first record after a stage's plan
+            record["stage_start"], self.stage_report = self.stage_report, None
         if server_round > 0:
             record.update(self.strategy.last_train)
             record["clients_failed"] = max(record.get("clients_failed", 0), counts.failed)

@@ -6,7 +6,6 @@ The wire and storage format is PEFT's own state dict (`get_peft_model_state_dict
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from devft.config import LoraSettings
+from devft.core.initial_adapter import standard_lora_a
 from devft.core.layerstate import StateDict
 from devft.errors import ConfigError
 from devft.models.families import Family
@@ -130,9 +130,7 @@ def seeded_lora_init(model: PeftModel, seed: int) -> StateDict:
     state = {}
     for key, value in get_lora_state(model).items():
         if ".lora_A." in key:
-            a = torch.empty_like(value)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-            state[key] = a
+            state[key] = standard_lora_a(tuple(value.shape), gen)
         else:
             state[key] = torch.zeros_like(value)
     return state

@@ -64,11 +64,13 @@ class RunRecorder:
             self.eval_time += time.perf_counter() - t
 
     def stage_started(
-        self, stage: int, num_layers: int, rounds: int, groups: list[list[int]]
+        self, stage: int, num_layers: int, rounds: int, groups: list[list[int]],
+        report: dict[str, Any] | None = None,
     ) -> None:
-        self.stages.append(
-            {"stage": stage, "num_layers": num_layers, "rounds": rounds, "groups": groups}
-        )
+        """A stage's entry in the summary; `report` is GlobalModel.stage_report (norms,
+        fusion cross term, fresh and clamped groups)."""
+        self.stages.append({"stage": stage, "num_layers": num_layers, "rounds": rounds,
+                            "groups": groups, **(report or {})})
 
     def record_round(self, record: dict[str, Any]) -> dict[str, Any]:
         """Add cumulative counters and timing to `record` and append it to metrics.jsonl."""

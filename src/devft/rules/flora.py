@@ -13,7 +13,6 @@ The final adapter is the exact sum of all stacks, saved as one PEFT LoRA of rank
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 
 from devft.config import LoraSettings
 from devft.core.aggregation import normalized_weights
+from devft.core.initial_adapter import standard_lora_a
 from devft.core.layerstate import StateDict, split_by_layer
 from devft.core.transfer import transfer_layers
 from devft.methods import get_method
@@ -162,8 +162,7 @@ class FLoRA(Rule):
         fresh = {}
         for key, value in template.items():
             if "lora_A" in key:
-                bound = 1.0 / math.sqrt(value.shape[1])  # kaiming_uniform(a=√5) bound
-                fresh[key] = (torch.rand(value.shape, generator=gen) * 2 - 1) * bound
+                fresh[key] = standard_lora_a(tuple(value.shape), gen)
             else:
                 fresh[key] = torch.zeros_like(value)
         return fresh
