@@ -178,6 +178,48 @@ def test_bad_values_name_field_value_and_allowed(override, field, value, allowed
     assert allowed in message
 
 
+@pytest.mark.parametrize(
+    ("overrides", "field", "allowed"),
+    [
+        (["federation.min_replies=3", "federation.clients_per_round=2"],
+         "federation.min_replies", "clients sampled per round (2"),
+        (["federation.min_replies=5"], "federation.min_replies", "0 = all 4"),
+        (["federation.clients_per_round=5"], "federation.clients_per_round", "num_clients=4"),
+        (["federation.max_skipped_rounds=0"], "federation.max_skipped_rounds", "positive"),
+        (["federation.client_gpus=1.5"], "federation.client_gpus", "whole number"),
+        (["federation.client_gpus=-1"], "federation.client_gpus", "auto, a fraction"),
+        (["federation.client_gpus=some"], "federation.client_gpus", "auto, a fraction"),
+        (["federation.client_gpus=0.5"], "federation.client_gpus", "runtime=simulation"),
+        (["federation.client_gpus=0.5", "federation.runtime=simulation", "model.device=cpu"],
+         "federation.client_gpus", "model.device=cpu"),
+        (["lora.client_ranks=2,4,6,8,8"], "lora.client_ranks", "num_clients=4"),
+        (["method=dofit", "dofit.domains=5"], "dofit.domains", "num_clients=4"),
+        (["devft.stages=2,4,8", "devft.rounds_per_stage=1,2"], "devft.rounds_per_stage",
+         "one per stage of devft.stages (3"),
+    ],
+)
+def test_cross_field_constraints_name_field_value_and_allowed(overrides, field, allowed):
+    err = config_error(overrides)
+    assert err.field == field and allowed in str(err)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["federation.min_replies=2", "federation.clients_per_round=2"],
+        ["federation.min_replies=4"],  # clients_per_round=0: all 4
+        ["federation.client_gpus=0.25", "federation.runtime=simulation"],
+        ["federation.client_gpus=2", "federation.runtime=simulation"],
+        ["federation.client_gpus=0"],
+        ["method=fedit", "dofit.domains=9"],  # dofit settings unused by fedit
+        ["method=fedit", "devft.stages=2,4,8", "devft.rounds_per_stage=1,2"],
+        ["devft.stages=2,4,8", "devft.rounds_per_stage=2"],
+    ],
+)
+def test_cross_field_constraints_accept_what_can_work(overrides):
+    load_config(None, overrides)
+
+
 def test_unknown_method_lists_the_methods():
     err = config_error(["method=nope"])
     for name in METHOD_NAMES:

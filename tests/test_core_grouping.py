@@ -306,11 +306,74 @@ def test_group_layers_keeps_k_groups_when_kmeans_collapses(monkeypatch, caplog):
     assert "splitting" in caplog.text
 
 
-def test_kmeans_labels_retries_other_seeds_when_clusters_collapse():
-    # 2 distinct points but k=3: no seed can give 3 clusters; the result still has labels
+class _FakeKMeans:
+    """Stands in for sklearn's KMeans: collapsed labels for the first `collapsing` seeds."""
+
+    seeds: list = []
+    collapsing = 2
+    warn: tuple | None = None
+
+    def __init__(self, n_clusters, n_init, random_state):
+        self.k, self.seed = n_clusters, random_state
+        _FakeKMeans.seeds.append(random_state)
+
+    def fit_predict(self, emb):
+        import warnings
+
+        if _FakeKMeans.warn is not None:
+            warnings.warn(*_FakeKMeans.warn)
+        if len(_FakeKMeans.seeds) <= _FakeKMeans.collapsing:
+            return np.zeros(len(emb), dtype=int)
+        return np.arange(len(emb)) % self.k
+
+
+@pytest.fixture
+def fake_kmeans(monkeypatch):
+    import sklearn.cluster
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", _FakeKMeans)
+    monkeypatch.setattr(_FakeKMeans, "seeds", [])
+    monkeypatch.setattr(_FakeKMeans, "collapsing", 2)
+    monkeypatch.setattr(_FakeKMeans, "warn", None)
+    return _FakeKMeans
+
+
+def test_kmeans_labels_retries_the_next_seeds_when_clusters_collapse(fake_kmeans):
+    from devft.core.grouping import _kmeans_labels
+
+    labels = _kmeans_labels(np.zeros((6, 2)), 3, seed=7)
+    assert fake_kmeans.seeds == [7, 8, 9]  # two collapsed seeds, then one that gives k
+    assert sorted(set(labels.tolist())) == [0, 1, 2]
+
+
+def test_kmeans_labels_gives_up_after_the_retries(fake_kmeans):
+    from devft.core.grouping import KMEANS_RETRIES, _kmeans_labels
+
+    fake_kmeans.collapsing = 100
+    labels = _kmeans_labels(np.zeros((6, 2)), 3, seed=0)
+    assert fake_kmeans.seeds == list(range(KMEANS_RETRIES))
+    assert set(labels.tolist()) == {0}  # left to _groups_from_labels, which splits and logs
+
+
+def test_kmeans_silences_only_the_collapsed_clusters_warning(fake_kmeans, recwarn):
+    from sklearn.exceptions import ConvergenceWarning
+
+    from devft.core.grouping import _kmeans_labels
+
+    fake_kmeans.warn = ("Number of distinct clusters (1) found smaller than n_clusters (3).",
+                        ConvergenceWarning)
+    _kmeans_labels(np.zeros((6, 2)), 3, seed=0)
+    assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
+    fake_kmeans.seeds, fake_kmeans.warn = [], ("lloyd did not converge", ConvergenceWarning)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        _kmeans_labels(np.zeros((6, 2)), 3, seed=0)
+
+
+def test_real_kmeans_on_two_distinct_points_keeps_k_groups_without_warnings(recwarn):
+    # 2 distinct points, k=3: every seed collapses; no warning leaks, group_layers keeps k
     from devft.core.grouping import _kmeans_labels
 
     emb = np.array([[0.0, 0.0]] * 3 + [[1.0, 1.0]] * 3)
     labels = _kmeans_labels(emb, 3, seed=0)
-    assert labels.shape == (6,)
     assert len(set(labels[:3].tolist())) == 1 and len(set(labels[3:].tolist())) == 1
+    assert not [w for w in recwarn if "distinct clusters" in str(w.message)]

@@ -1,17 +1,22 @@
-"""Runs survive faulty clients and bad replies; each failure is logged and counted."""
+"""Runs survive faulty clients and bad replies; each failure is logged and counted. A run
+whose clients keep failing stops, with one line naming the round and the first error."""
 
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from test_federation_run import tiny_cfg
 
+from devft.errors import RunStalledError
+from devft.federation.checkpoint import load_checkpoint
 from devft.federation.client_app import make_client_app
 from devft.federation.grid import InProcessGrid
 from devft.federation.runner import prepare
 from devft.federation.server_app import make_server_app
+from devft.federation.strategy import one_line
 from devft.reporting.recorder import read_metrics
 
 CLIENTS = 3
@@ -61,10 +66,10 @@ def test_a_client_that_always_raises_is_counted_and_the_run_completes(cfg, caplo
 
 
 def test_a_client_past_the_timeout_counts_as_failed(cfg):
-    run_cfg = cfg("federation.timeout_s=0.3", "federation.rounds=2", "devft.stages=4")
+    run_cfg = cfg("federation.timeout_s=3", "federation.rounds=2", "devft.stages=4")
 
     def slow(app, msg, context):
-        time.sleep(0.5)
+        time.sleep(4)  # margin: a healthy tiny client takes ~0.1 s, more under load
         return app(msg, context)
 
     records = _run(run_cfg, _faulty(run_cfg, slow))
@@ -128,3 +133,106 @@ def test_a_reply_without_metrics_is_rejected(cfg):
     records = _run(run_cfg, _faulty(run_cfg, no_metrics))
     assert records[1]["clients_rejected"] == 1
     assert "metrics" in records[1]["rejections"][0]
+
+
+# ---- a run that cannot make progress stops ---------------------------------------------------
+
+
+def _everyone(cfg, fault, rounds=None):
+    """A ClientApp whose every client misbehaves in the global `rounds` (None = all)."""
+    app = make_client_app(cfg)
+
+    def call(msg: Message, context: Context) -> Message:
+        if rounds is not None and int(msg.content["config"]["global-round"]) not in rounds:
+            return app(msg, context)
+        return fault(app, msg, context)
+
+    return call
+
+
+def _raise(app, msg, context):
+    raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
+
+
+def test_every_client_raising_stops_the_run_and_it_resumes_once_fixed(cfg):
+    run_cfg = cfg("federation.rounds=6", "devft.rounds_per_stage=3")
+    with pytest.raises(RunStalledError) as info:
+        _run(run_cfg, _everyone(run_cfg, _raise))
+    message = str(info.value)
+    assert message.startswith("round 3: stopped after 3 rounds in a row")
+    assert f"{CLIENTS} of {CLIENTS} clients failed, 0 rejected" in message
+    assert "first client error: RuntimeError: CUDA out of memory. Tried to allocate" in message
+    assert "\n" not in message and "--resume" in message
+    out = run_cfg.output.dir
+    assert not (Path(out) / "summary.json").exists()
+    assert [r["round"] for r in read_metrics(out)] == [0, 1, 2]
+    assert load_checkpoint(Path(out)).state["round"] == 2
+
+    resumed = run_cfg.replace(**{"output.resume": True})
+    records = _run(resumed, make_client_app(resumed))
+    assert [r["round"] for r in records] == list(range(7))
+    assert all(r["clients_ok"] == CLIENTS for r in records[3:])
+    assert (Path(out) / "summary.json").is_file()
+
+
+def test_every_reply_rejected_stops_the_run(cfg):
+    run_cfg = cfg("federation.rounds=4", "federation.max_skipped_rounds=2")
+    nan = BAD_REPLIES["nan"][0]
+    with pytest.raises(RunStalledError) as info:
+        _run(run_cfg, _everyone(run_cfg, _tamper(nan)))
+    message = str(info.value)
+    assert message.startswith("round 2: stopped after 2 rounds in a row")
+    assert f"0 of {CLIENTS} clients failed, {CLIENTS} rejected" in message
+    assert "NaN or Inf" in message
+
+
+def test_clients_failing_in_some_rounds_only_do_not_stop_the_run(cfg):
+    # every client fails in rounds 1, 2 and 4, 5: never 3 skipped rounds in a row
+    run_cfg = cfg("federation.rounds=6", "devft.rounds_per_stage=3")
+    records = _run(run_cfg, _everyone(run_cfg, _raise, rounds={1, 2, 4, 5}))
+    assert [r["round"] for r in records] == list(range(7))
+    assert [r["clients_ok"] for r in records[1:]] == [0, 0, CLIENTS, 0, 0, CLIENTS]
+    assert records[3]["eval_loss"] != records[0]["eval_loss"]
+
+
+def test_a_stalled_run_exits_3_with_one_line(monkeypatch, capsys, tiny_model_dir,
+                                             tiny_data_file, tmp_path):
+    import devft.federation.client_app as client_app
+    from devft.cli import main
+
+    def broken(msg, context, cfg):
+        raise KeyError("partition-id")
+
+    monkeypatch.setattr(client_app, "client_train", broken)
+    args = ["run", "--set", f"model.path={tiny_model_dir}", "--set", f"data.name={tiny_data_file}",
+            "--set", "federation.num_clients=2", "--set", "federation.rounds=4",
+            "--set", "devft.stages=4", "--set", "data.eval_examples=4",
+            "--set", "output.progress=false", "--out", str(tmp_path / "run")]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("devft: error:")]
+    assert line and "round 3" in line[0] and "KeyError: 'partition-id'" in line[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        ("RuntimeError: disk full", "RuntimeError: disk full"),
+        ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+         "ClientAppException occurred. Message: ValueError: bad  shape\n'>",
+         "ValueError: bad shape"),
+        ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
+         "torch.OutOfMemoryError: CUDA out of memory\n",
+         "torch.OutOfMemoryError: CUDA out of memory"),
+        ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::"
+         "ClientAppActor.run()\x1b[39m (pid=1)\n  File \"app.py\", line 19, in train\n"
+         "    raise RuntimeError(\"disk full\")\nRuntimeError: disk full\n\nThe above "
+         "exception was the direct cause of the following exception:\n\n  File \"a.py\", "
+         "line 65, in run\nflwr.clientapp.client_app.ClientAppException: \nException "
+         "ClientAppException occurred. Message: disk full'>", "RuntimeError: disk full"),
+        ("x" * 500, "x" * 199 + "…"),
+    ],
+)
+def test_client_errors_are_shortened_to_one_line(reason, expected):
+    assert one_line(reason) == expected

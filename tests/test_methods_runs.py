@@ -15,6 +15,7 @@ from devft.data import federated_data
 from devft.federation.client_app import client_train
 from devft.federation.runner import run_method
 from devft.federation.wire import plan_to_config, to_array_record
+from devft.models.client_stage import HOLDER
 from devft.models.loading import load_base_model
 from devft.models.lora import get_lora_state, seeded_lora_init
 from devft.models.submodel import StagePlan, stage_model
@@ -87,7 +88,7 @@ def test_fedsa_reply_never_contains_b(tiny_model_dir, tiny_data_file):
         stored = context.state["fedsa-B"].to_torch_state_dict()
         assert stored and all("lora_B" in k for k in stored)
         assert any(v.abs().sum() > 0 for v in stored.values())  # B trained and kept locally
-    trained = get_lora_state(stage_model(base, plan, cfg.lora))
+    trained = get_lora_state(HOLDER.model)  # the client's own (held) stage model
     # the client's model after round 2 started from its own stored B, not from zero
     assert any(torch.equal(trained[k], v) for k, v in stored.items())
 

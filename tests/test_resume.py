@@ -45,7 +45,8 @@ def _assert_same_metrics(out, ref):
                 assert g[key] == w[key], (key, g["round"])
 
 
-@pytest.mark.parametrize("method", ["devft", "fedsa"])  # fedsa: client-side state restored
+@pytest.mark.parametrize("method", ["devft", "fedsa", "devft-adaptive"])  # fedsa: client
+# state restored; devft-adaptive: stage lengths decided from the restored records
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_model_dir, tiny_data_file,
                                                           tmp_path, method):
     args = _args(tiny_model_dir, tiny_data_file, method)

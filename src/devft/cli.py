@@ -1,5 +1,6 @@
-"""Command line: `devft run`, `devft compare`, `devft eval`. Owns all printing; user mistakes
-exit 2 with one clear message and no stack trace."""
+"""Command line: `devft run`, `devft compare`, `devft eval`, `devft generate`. Owns all
+printing; user mistakes exit 2 with one clear message and no stack trace, and a run that
+stops because its clients keep failing exits 3 (`RunStalledError`)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     from devft.evaluation.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from devft.generation import add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 
@@ -79,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             from devft.evaluation.cli import eval_main
 
             return eval_main(args)
+        if args.command == "generate":
+            from devft.generation import generate_main
+
+            return generate_main(args)
         return _dispatch(args)
     except DevFTError as err:
         print(f"devft: error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
 
 
 def _console():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,9 +9,11 @@ from typing import Any
 from rich.table import Table
 
 from devft.config import RunConfig
-from devft.errors import ConfigError
+from devft.errors import ConfigError, RunFileError
 from devft.federation.checkpoint import CHECKPOINTS
 from devft.federation.runner import run_method
+from devft.files import atomic_write_json, read_json_object
+from devft.lock import output_lock
 from devft.methods import METHOD_NAMES
 from devft.reporting.compare import against_baseline
 from devft.reporting.plots import plot_comparison
@@ -38,14 +39,23 @@ def compare_methods(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[s
     """Run each method into out_dir/<method>/ and write comparison.json and comparison.png.
 
     No lost work: a method whose run directory already holds a finished run of the same
-    config is reused, and an interrupted one is resumed from its last checkpoint.
+    config is reused, and an interrupted one is resumed from its last checkpoint. Holds
+    out_dir's lock throughout (each run also locks its own directory).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with output_lock(out_dir, "devft compare"):
+        return _compare(cfg, methods, out_dir)
+
+
+def _compare(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[str, Any]:
     summaries, runs = {}, {}
     for method in methods:
         run_cfg = cfg.replace(**{"method": method, "output.dir": str(out_dir / method)})
         summaries[method] = run_or_reuse(run_cfg)
         runs[method] = read_metrics(out_dir / method)
+        if not runs[method] or runs[method][-1]["round"] != summaries[method]["rounds"]:
+            raise RunFileError(f"{out_dir / method / 'metrics.jsonl'} ends before round "
+                               f"{summaries[method]['rounds']} of its summary.json: remove "
+                               f"{out_dir / method} and run again")
     baseline = runs[BASELINE]
     comparison = {
         "baseline": BASELINE,
@@ -55,22 +65,24 @@ def compare_methods(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[s
             for m in methods
         },
     }
-    (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    atomic_write_json(out_dir / "comparison.json", comparison)
     plot_comparison(runs, out_dir / "comparison.png", target=comparison["target_eval_loss"])
     return comparison
 
 
 def run_or_reuse(run_cfg: RunConfig) -> dict[str, Any]:
     """The summary of a finished run of exactly this config in its output dir, if there is
-    one; else the run, resumed from its last checkpoint when it was interrupted."""
-    return _finished(run_cfg) or run_method(_maybe_resume(run_cfg))
+    one; else the run, resumed from its last checkpoint when it was interrupted. Holds the
+    run directory's lock, so a live run there is never read half-written."""
+    with output_lock(run_cfg.output.dir, f"devft compare: {run_cfg.method}"):
+        return _finished(run_cfg) or run_method(_maybe_resume(run_cfg))
 
 
 def _same_config(run_cfg: RunConfig) -> bool:
     path = Path(run_cfg.output.dir) / "config.json"
     if not path.is_file():
         return False
-    saved = json.loads(path.read_text())
+    saved = read_json_object(path)
     mine = run_cfg.to_dict()
     return {k: v for k, v in saved.items() if k != "output"} == {
         k: v for k, v in mine.items() if k != "output"}
@@ -81,7 +93,7 @@ def _finished(run_cfg: RunConfig) -> dict[str, Any] | None:
     summary = Path(run_cfg.output.dir) / SUMMARY_FILE
     if summary.is_file() and _same_config(run_cfg):
         log.info("%s: reusing the finished run in %s", run_cfg.method, run_cfg.output.dir)
-        return json.loads(summary.read_text())
+        return read_json_object(summary, ("rounds", "final_eval_loss"))
     return None
 
 
@@ -95,6 +107,10 @@ def _maybe_resume(run_cfg: RunConfig) -> RunConfig:
 
 
 def comparison_table(comparison: dict[str, Any]) -> Table:
+    """One row per method; with model.ship_layers, a column of the dense bytes shipped down
+    (already part of "MB down")."""
+    shipped = any(e["summary"].get("total_dense_bytes_down") for e in
+                  comparison["methods"].values())
     table = Table(
         title=f"held-out loss target = {BASELINE}'s final ({comparison['target_eval_loss']:.4f})"
     )
@@ -106,6 +122,7 @@ def comparison_table(comparison: dict[str, Any]) -> Table:
         "Δ vs fedit",
         "MB up",
         "MB down",
+        *(["of which dense"] if shipped else []),
         "wall s",
         "time→target",
         "bytes→target",
@@ -113,6 +130,7 @@ def comparison_table(comparison: dict[str, Any]) -> Table:
         table.add_column(col, justify="left" if col == "method" else "right")
     for method, entry in comparison["methods"].items():
         s, v = entry["summary"], entry["vs_fedit"]
+        dense = [f"{s.get('total_dense_bytes_down', 0) / 1e6:.1f}"] if shipped else []
         table.add_row(
             method,
             str(s["rounds"]),
@@ -121,6 +139,7 @@ def comparison_table(comparison: dict[str, Any]) -> Table:
             f"{v['final_eval_loss_delta']:+.4f}",
             f"{s['total_bytes_up'] / 1e6:.1f}",
             f"{s['total_bytes_down'] / 1e6:.1f}",
+            *dense,
             f"{s['wall_time_s']:.0f}",
             _ratio(v["time_to_target_speedup"]),
             _ratio(v["bytes_to_target_reduction"]),

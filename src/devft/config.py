@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from devft.errors import ConfigError
-from devft.methods import METHOD_NAMES
+from devft.methods import METHOD_NAMES, get_method
 
 
 def _check(cond: bool, field_name: str, value: object, allowed: str) -> None:
@@ -37,6 +37,10 @@ class ModelConfig:
     """Storage dtype of the frozen base weights."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available, else cpu."""
+    ship_layers: bool = False
+    """For clients that do not store the base's weights: the server sends each stage's fused
+    dense layers once per stage, and the embeddings, final norm and head once per run (counted
+    in bytes_down). Off: clients build their stage from their own copy of the base."""
 
 
 @dataclass
@@ -116,6 +120,13 @@ class FederationConfig:
     runtime: Literal["inprocess", "simulation"] = "inprocess"
     """inprocess: Flower Grid that calls the ClientApp directly (fast default);
     simulation: Flower's Ray simulation runtime."""
+    max_skipped_rounds: int = 3
+    """Consecutive rounds with fewer than min_replies valid replies after which the run stops
+    (exit code 3); its last checkpoint stays for `devft run --resume`."""
+    client_gpus: str = "auto"
+    """GPUs Ray gives each simulated client (runtime=simulation): a number (fractions up to 1,
+    whole numbers above), or auto = an even share of the visible GPUs over the clients of a
+    round (0 without GPUs)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -128,11 +139,23 @@ class FederationConfig:
             f"0 (all) up to federation.num_clients={self.num_clients}",
         )
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "a positive integer")
-        _check(1 <= self.min_replies <= self.num_clients, "federation.min_replies",
-               self.min_replies, f"1 up to federation.num_clients={self.num_clients}")
+        per_round = self.clients_per_round or self.num_clients
+        _check(1 <= self.min_replies <= per_round, "federation.min_replies", self.min_replies,
+               f"1 up to the clients sampled per round ({per_round}: federation.clients_per_round"
+               f"={self.clients_per_round}, 0 = all {self.num_clients})")
+        _check(self.max_skipped_rounds >= 1, "federation.max_skipped_rounds",
+               self.max_skipped_rounds, "a positive integer")
+        _check(self.client_gpus == "auto" or _gpu_count_ok(self.client_gpus),
+               "federation.client_gpus", self.client_gpus,
+               "auto, a fraction in [0, 1], or a whole number of GPUs")
         _check(self.timeout_s > 0, "federation.timeout_s", self.timeout_s, "a positive number")
         _check(self.max_update_norm > 0, "federation.max_update_norm", self.max_update_norm,
                "a positive number")
+
+
+def _gpu_count_ok(text: str) -> bool:
+    number = _parse_number(text, float, None)
+    return number is not None and number >= 0 and (number <= 1 or number.is_integer())
 
 
 @dataclass
@@ -149,6 +172,9 @@ class TrainConfig:
     without AVX-512 BF16 (e.g. this AVX2 machine) bf16 matmuls are ~6x slower than fp32."""
     threads: int = 0
     """torch intra-op threads; 0 = leave torch's default."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations during backward instead of keeping them:
+    less client memory for about one more forward pass of compute (every method)."""
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "a positive integer")
@@ -182,6 +208,8 @@ class DevFTConfig:
     unnormalized: D - W, as the paper writes."""
     calibration_examples: int = 8
     """Held-out examples the server runs through the model for `hidden` similarity."""
+    boundary_layers: int = 1
+    """devft-boundary: the first and last n layers are singleton groups in every stage."""
 
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "devft.num_stages", self.num_stages, "a positive integer")
@@ -207,6 +235,8 @@ class DevFTConfig:
             self.calibration_examples,
             "a positive integer",
         )
+        _check(self.boundary_layers >= 0, "devft.boundary_layers", self.boundary_layers,
+               "an integer >= 0")
 
 
 @dataclass
@@ -237,6 +267,66 @@ class C2AConfig:
 
 
 @dataclass
+class OffsiteConfig:
+    """Offsite-tuning (`offsite`, `devft+offsite`): real adapter layers around an emulator."""
+
+    k_bottom: int = 1
+    """First layers trained as the bottom adapter (the full model's own)."""
+    k_top: int = 1
+    """Last layers trained as the top adapter."""
+    emulator_fraction: float = 0.5
+    """`offsite`: share of the middle layers the emulator keeps, evenly spaced (0.5 = every
+    other layer, Offsite-tuning's default)."""
+    emulator_layers: int = 0
+    """`offsite`: middle layers the emulator keeps; 0 = use emulator_fraction."""
+
+    def __post_init__(self) -> None:
+        _check(self.k_bottom >= 0, "offsite.k_bottom", self.k_bottom, "an integer >= 0")
+        _check(self.k_top >= 0, "offsite.k_top", self.k_top, "an integer >= 0")
+        _check(self.k_bottom + self.k_top >= 1, "offsite.k_top", self.k_top,
+               "at least one adapter layer in all (offsite.k_bottom + offsite.k_top >= 1)")
+        _check(0.0 <= self.emulator_fraction <= 1.0, "offsite.emulator_fraction",
+               self.emulator_fraction, "a number in [0, 1]")
+        _check(self.emulator_layers >= 0, "offsite.emulator_layers", self.emulator_layers,
+               "an integer >= 0 (0 = use offsite.emulator_fraction)")
+
+
+@dataclass
+class AdaptiveConfig:
+    """`devft-adaptive`: a stage ends when its submodel's calibration loss stops improving."""
+
+    window: int = 2
+    """Rounds over which the improvement is measured."""
+    threshold: float = 0.01
+    """Advance when the calibration loss fell by less than this (nats) over the window."""
+    min_rounds: int = 1
+    """Rounds every stage runs at least."""
+    max_rounds: int = 0
+    """Rounds a stage runs at most; 0 = no cap but the budget (federation.rounds)."""
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "adaptive.window", self.window, "a positive integer")
+        _check(self.threshold >= 0, "adaptive.threshold", self.threshold, "a number >= 0")
+        _check(self.min_rounds >= 1, "adaptive.min_rounds", self.min_rounds,
+               "a positive integer")
+        _check(self.max_rounds == 0 or self.max_rounds >= self.min_rounds,
+               "adaptive.max_rounds", self.max_rounds,
+               f"0 (no cap) or at least adaptive.min_rounds={self.min_rounds}")
+
+
+@dataclass
+class CalibrateConfig:
+    """`devft-calibrated`: the server picks β per stage on its calibration rows."""
+
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
+    """Candidate β values (each in [0, 1]; a β a group's size clamps is clamped per group)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.betas) and all(0.0 <= b <= 1.0 for b in self.betas),
+               "calibrate.betas", self.betas, "a non-empty list of numbers in [0, 1]")
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/latest"
     progress: bool = True
@@ -258,12 +348,16 @@ class RunConfig:
     devft: DevFTConfig = field(default_factory=DevFTConfig)
     dofit: DoFITConfig = field(default_factory=DoFITConfig)
     c2a: C2AConfig = field(default_factory=C2AConfig)
+    offsite: OffsiteConfig = field(default_factory=OffsiteConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
         _check(
             self.method in METHOD_NAMES, "method", self.method, f"one of {', '.join(METHOD_NAMES)}"
         )
+        _check_across_sections(self)
 
     # ---- conversions -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -279,6 +373,26 @@ class RunConfig:
     def to_run_config(self) -> dict[str, str]:
         """Flower's flat `context.run_config` form."""
         return {"config-json": json.dumps(self.to_dict())}
+
+
+def _check_across_sections(cfg: RunConfig) -> None:
+    """Constraints between fields of different sections (each section checks its own)."""
+    fed, method = cfg.federation, get_method(cfg.method)
+    _check(len(cfg.lora.client_ranks) <= fed.num_clients, "lora.client_ranks",
+           cfg.lora.client_ranks, f"at most federation.num_clients={fed.num_clients} ranks "
+           "(one per client, cycled)")
+    if method.aggregation == "dofit":
+        _check(cfg.dofit.domains <= fed.num_clients, "dofit.domains", cfg.dofit.domains,
+               f"at most federation.num_clients={fed.num_clients} (a domain needs a client)")
+    stages, rounds = cfg.devft.stages, cfg.devft.rounds_per_stage
+    if method.staged and stages and len(rounds) > 1:
+        _check(len(rounds) == len(stages), "devft.rounds_per_stage", rounds,
+               f"one number, or one per stage of devft.stages ({len(stages)} stages)")
+    if fed.client_gpus != "auto" and float(fed.client_gpus) > 0:
+        _check(fed.runtime == "simulation", "federation.client_gpus", fed.client_gpus,
+               "auto or 0 unless federation.runtime=simulation (only Ray shares GPUs)")
+        _check(cfg.model.device != "cpu", "federation.client_gpus", fed.client_gpus,
+               "auto or 0 with model.device=cpu (the clients would not use the GPUs)")
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:

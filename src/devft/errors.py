@@ -21,3 +21,13 @@ class DataError(DevFTError, ValueError):
 
 class ModelError(DevFTError, ValueError):
     """A model that cannot be found or is not a supported decoder."""
+
+
+class RunFileError(DevFTError):
+    """A file of a run directory that is missing its end, unreadable or not what devft wrote."""
+
+
+class RunStalledError(DevFTError):
+    """A run that cannot make progress: too many consecutive rounds without enough replies."""
+
+    exit_code = 3

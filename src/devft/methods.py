@@ -33,6 +33,14 @@ class MethodSpec:
     untrained_init: str = "fresh"
     """Initial LoRA of a never-trained group: `fresh` standard init, or `fused` random A as the
     formula gives (devft.core.initial_adapter)."""
+    adapter: str = "all"
+    """Which submodel layers train: `all`, or `boundary` (devft+offsite: only the real
+    boundary layers; the fused middle is a frozen emulator until the last, full stage)."""
+    stage_length: str = "fixed"
+    """`fixed` rounds per stage, or `adaptive` (devft.core.adaptive; config: adaptive.*)."""
+    calibrate: bool = False
+    """True: the server picks β per stage on its calibration rows (devft.core.calibration;
+    config: calibrate.betas)."""
     description: str = ""
 
 
@@ -81,7 +89,32 @@ METHODS.update({
     "devft-fusedinit": replace(_DEVFT, name="devft-fusedinit", untrained_init="fused",
                                description="ablation: the fusion formula applied to the "
                                "untrained initial LoRA too (fused random A, shrunken)"),
+    "devft-boundary": replace(_DEVFT, name="devft-boundary", recipe="boundary",
+                              description="variant: the first and last devft.boundary_layers "
+                              "layers are singletons in every stage; the middle grouped "
+                              "spectrally"),
+    "devft-adaptive": replace(_DEVFT, name="devft-adaptive", stage_length="adaptive",
+                              description="variant: a stage ends when the submodel's "
+                              "calibration loss improves by less than adaptive.threshold over "
+                              "adaptive.window rounds (adaptive.min/max_rounds)"),
+    "devft-calibrated": replace(_DEVFT, name="devft-calibrated", calibrate=True,
+                                description="variant: the server picks β per stage on its "
+                                "calibration rows (never the eval rows) from calibrate.betas"),
+    "offsite": replace(_DEVFT, name="offsite", recipe="offsite",
+                       description="Offsite-tuning: LoRA on the first offsite.k_bottom and last "
+                       "offsite.k_top real layers around a frozen uniform-layer-drop emulator; "
+                       "plugged back into the same layers exactly"),
+    "devft+offsite": replace(_DEVFT, name="devft+offsite", recipe="boundary",
+                             adapter="boundary",
+                             description="DevFT's stages with real boundary layers "
+                             "(offsite.k_bottom/k_top) as the trained adapter around the fused "
+                             "middle as a frozen emulator; the last stage trains the full "
+                             "model"),
 })
+for _rule in ("fedsa", "ffa"):
+    METHODS[f"offsite+{_rule}"] = replace(
+        METHODS["offsite"], name=f"offsite+{_rule}", aggregation=_rule,
+        description=f"Offsite-tuning's adapters with {_rule}'s aggregation")
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 

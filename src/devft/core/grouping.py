@@ -80,17 +80,29 @@ def group_layers(
     return groups
 
 
+KMEANS_RETRIES = 5
+"""Seeds tried (seed, seed + 1, ...) before `_groups_from_labels` splits groups itself."""
+
+
 def _kmeans_labels(emb: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k-means labels; if a seed yields fewer than k clusters, try the next few seeds."""
+    """k-means labels; if a seed yields fewer than k clusters, try the next few seeds.
+
+    Only scikit-learn's "Number of distinct clusters (m) found smaller than n_clusters (k)"
+    ConvergenceWarning is silenced: this function retries exactly that case, and
+    `_groups_from_labels` logs it if every seed collapses. Any other warning reaches the user.
+    """
     from sklearn.cluster import KMeans  # imported here: ~2 s, needed by the server only
+    from sklearn.exceptions import ConvergenceWarning
 
     labels = np.zeros(len(emb), dtype=int)
-    for attempt in range(5):
+    for attempt in range(KMEANS_RETRIES):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "distinct clusters < n_clusters" is handled below
+            warnings.filterwarnings("ignore", message="Number of distinct clusters",
+                                    category=ConvergenceWarning)
             labels = KMeans(n_clusters=k, n_init=10, random_state=seed + attempt).fit_predict(emb)
         if len(set(labels.tolist())) == k:
             return labels
+        log.debug("k-means seed %d found fewer than %d clusters; retrying", seed + attempt, k)
     return labels
 
 

@@ -21,6 +21,7 @@ from devft.data.formatting import (
     collate,
     encode,
     length_sorted_batches,
+    prompt_ids,
     prompt_messages,
     prompt_text,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "load_records",
     "multiple_choice_items",
     "partition_indices",
+    "prompt_ids",
     "prompt_messages",
     "prompt_text",
     "sharegpt_records",

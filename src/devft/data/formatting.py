@@ -46,6 +46,14 @@ def prompt_text(record: Record, tokenizer: Any) -> str:
     return PLAIN_TEMPLATE.format(content=messages[0]["content"])
 
 
+def prompt_ids(record: Record, tokenizer: Any) -> list[int]:
+    """The prompt's token ids exactly as training sees them (before truncation): a leading
+    BOS where the tokenizer starts plain text with one, then `prompt_text`. `devft generate`
+    prompts the trained model with these."""
+    prefix = [] if has_chat_template(tokenizer) else _leading_bos(tokenizer)
+    return prefix + _ids(tokenizer, prompt_text(record, tokenizer))
+
+
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -69,9 +77,8 @@ def encode(record: Record, tokenizer: Any, max_len: int) -> Encoded:
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
-    chat = has_chat_template(tokenizer)
-    prefix = [] if chat else _leading_bos(tokenizer)
-    prompt = prefix + _ids(tokenizer, prompt_text(record, tokenizer))
+    prompt = prompt_ids(record, tokenizer)
+    prefix = [] if has_chat_template(tokenizer) else _leading_bos(tokenizer)
     eos = tokenizer.eos_token or ""
     response = _ids(tokenizer, record.output + eos)
     if len(prompt) + len(response) > max_len:

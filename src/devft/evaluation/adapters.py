@@ -10,7 +10,6 @@ the adapter directory; an explicit model path overrides both.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from devft.config import ModelConfig
 from devft.errors import ConfigError, ModelError
+from devft.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +66,19 @@ def check_adapter_dir(adapter: str | Path, flag: str = "--adapter") -> Path:
 
 
 def read_run_config(adapter_dir: Path) -> dict[str, Any]:
-    """The run's config.json next to the adapter directory ({} if absent or unreadable)."""
+    """The run's config.json next to the adapter directory ({} if there is none, or it is
+    not a devft run's); a config.json that is truncated or unreadable is a RunFileError."""
     path = adapter_dir.parent / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.is_file():
         return {}
+    data = read_json(path)
     return data if isinstance(data, dict) and "data" in data else {}
 
 
 def _adapter_base(adapter_dir: Path, run_config: dict[str, Any]) -> str:
-    try:
-        base = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except ValueError as err:
-        raise ModelError(
-            f"{adapter_dir / 'adapter_config.json'} is not valid JSON: {err}"
-        ) from None
+    base = read_json(adapter_dir / "adapter_config.json")
+    if not isinstance(base, dict):
+        raise ModelError(f"{adapter_dir / 'adapter_config.json'} is not a PEFT adapter config")
     name = base.get("base_model_name_or_path")
     run_model = run_config.get("model", {}).get("path")
     if name and (not name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()):
@@ -113,10 +110,14 @@ def load_eval_model(
     if adapter_dir is None:
         return EvalModel(base.model, base.tokenizer, model_path)
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     model = copy.deepcopy(base.model)  # the cached base model stays free of LoRA layers
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except SafetensorError as err:
+        raise ModelError(f"{adapter_dir / SAFE_WEIGHTS} is unreadable: truncated or not "
+                         f"safetensors ({err})") from None
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelError(
             f"--adapter = {str(adapter_dir)!r} could not be loaded onto {model_path!r}: {err}"

@@ -9,7 +9,6 @@ out; flags override them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 from devft.config import DataConfig
 from devft.data.tasks import TRAIN_TASKS
 from devft.errors import ConfigError
+from devft.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,6 @@ def eval_main(args: argparse.Namespace) -> int:
         )
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_clean(report), indent=2) + "\n")
+        atomic_write_json(out, _clean(report))
         console.print(f"results in {out}")
     return 0

@@ -11,7 +11,6 @@ leaves the previous checkpoint valid.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -24,9 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from devft.core.layerstate import StateDict
-from devft.errors import DevFTError
+from devft.errors import DevFTError, RunFileError
+from devft.files import atomic_write_json, fsync_dir, fsync_file, read_json_object
 
 CHECKPOINTS = "checkpoints"
+_STATE_KEYS = ("tensor_files", "round", "stage", "stage_round", "plan", "rule", "recorder",
+               "rng", "config")
 
 
 @dataclass
@@ -48,12 +50,14 @@ def save_checkpoint(out_dir: Path, round_: int, ckpt: Checkpoint) -> Path:
         file = f"t{i:03d}.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(tmp / file))
+        fsync_file(tmp / file)
         index[group] = file
-    _write_json(tmp / "state.json", {**ckpt.state, "tensor_files": index})
+    atomic_write_json(tmp / "state.json", {**ckpt.state, "tensor_files": index}, indent=1)
+    fsync_dir(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _write_json(root / "latest.json", {"dir": name})
+    atomic_write_json(root / "latest.json", {"dir": name}, indent=1)
     for old in root.iterdir():  # keep only the latest round
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -61,19 +65,26 @@ def save_checkpoint(out_dir: Path, round_: int, ckpt: Checkpoint) -> Path:
 
 
 def load_checkpoint(out_dir: Path) -> Checkpoint:
-    """The latest checkpoint of a run directory, with a clear error if there is none."""
+    """The latest checkpoint of a run directory, with a clear error naming a bad file."""
     root = out_dir / CHECKPOINTS
+    if not (root / "latest.json").is_file():
+        raise DevFTError(f"--resume {out_dir}: no checkpoint found ({root / 'latest.json'}); "
+                         "expected a run directory written by `devft run`")
     try:
-        latest = json.loads((root / "latest.json").read_text())["dir"]
-        state = json.loads((root / latest / "state.json").read_text())
-        tensors = {group: load_file(str(root / latest / file))
+        latest = str(read_json_object(root / "latest.json", ("dir",))["dir"])
+        state = read_json_object(root / latest / "state.json", _STATE_KEYS)
+        tensors = {group: _load_tensors(root / latest / file)
                    for group, file in state.pop("tensor_files").items()}
-    except FileNotFoundError as err:
-        raise DevFTError(f"--resume {out_dir}: no checkpoint found ({err.filename}); "
-                         "expected a run directory written by `devft run`") from None
-    except (json.JSONDecodeError, KeyError, SafetensorError, OSError) as err:
-        raise DevFTError(f"--resume {out_dir}: the checkpoint is unreadable ({err})") from None
+    except RunFileError as err:
+        raise DevFTError(f"--resume {out_dir}: {err}") from None
     return Checkpoint(state, tensors)
+
+
+def _load_tensors(path: Path) -> StateDict:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise RunFileError(f"{path} is unreadable ({err})") from None
 
 
 def rng_state() -> tuple[dict[str, Any], StateDict]:
@@ -90,12 +101,3 @@ def set_rng_state(meta: dict[str, Any], tensors: StateDict) -> None:
     name, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
                          cached))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

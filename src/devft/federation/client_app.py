@@ -1,9 +1,13 @@
 """The ClientApp: builds the stage submodel, trains LoRA on its own partition, replies.
 
-The client receives the stage plan (groups, β, fusion) and the tensors its rule sends; it
-fuses the frozen base layers itself from its own copy of the base model, so dense weights
-never cross the wire. Its data partition is `partition-id` of its node config. What the rule
-keeps between rounds (FedSA-LoRA's B, FFA-LoRA's A) lives in the node's `context.state`.
+The client receives the stage plan (groups, β, fusion) and the tensors its rule sends. It
+builds only its stage (`devft.models.client_stage`): the stage's layers fused tensor by
+tensor from the base's memory-mapped safetensors files (or from the base this process
+already holds, in the in-process grid), so dense weights never cross the wire; one stage is
+held at a time. With `model.ship_layers` the server sends the fused layers instead. Rules
+that change the base (FLoRA merges into it) load the full base, as before. Its data
+partition is `partition-id` of its node config. What the rule keeps between rounds
+(FedSA-LoRA's B, FFA-LoRA's A) lives in the node's `context.state`.
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from devft.config import RunConfig, from_run_config
+from devft.config import LoraSettings, RunConfig, from_run_config
+from devft.core.frozen import drop_layers, fill_frozen, in_layers
 from devft.data import collate, encode, federated_data
 from devft.errors import ConfigError
+from devft.federation.shipping import shipped_source
 from devft.federation.wire import from_array_record, plan_from_config, to_array_record
+from devft.models.client_stage import (
+    client_layout,
+    client_stage_model,
+    client_tokenizer,
+    set_gradient_checkpointing,
+)
 from devft.models.lora import get_lora_state, set_lora_state, set_trainable
 from devft.models.submodel import StagePlan, stage_model
 from devft.rules import ClientEnv, ClientStore, Rule, make_rule
@@ -35,27 +47,44 @@ def _env(cfg: RunConfig, rule: Rule, plan: StagePlan, msg: Message,
         raise ConfigError("num-partitions (node config)", partitions,
                           f"federation.num_clients={cfg.federation.num_clients} of the run: "
                           "every client must split the data the same way")
-    base = rule.base_model()
+    layout = client_layout(cfg.model)
     config = dict(msg.content["config"])
-    env = ClientEnv(cfg=cfg, plan=plan, prefix=base.family.lora_prefix(),
+    env = ClientEnv(cfg=cfg, plan=plan, prefix=layout.family.lora_prefix(),
                     partition=int(context.node_config["partition-id"]),
                     round=int(config["global-round"]), config=config,
-                    store=ClientStore(context.state), extra={"depth": base.num_layers})
-    return env, base
+                    store=ClientStore(context.state), extra={"depth": layout.depth})
+    return env, layout
+
+
+def _model(cfg: RunConfig, rule: Rule, plan: StagePlan, settings: LoraSettings, msg: Message,
+           context: Context, received: Any, env: ClientEnv) -> tuple[Any, Any]:
+    """The stage model and tokenizer: the full base for rules that change it, else the
+    stage alone (from the base's files, or from shipped layers)."""
+    if rule.private_base:  # FLoRA merges into the base: the client needs all of it
+        base = rule.base_model()
+        rule.prepare(received, env, base)
+        return stage_model(base, plan, settings), base.tokenizer
+    rule.prepare(received, env, None)
+    shipped = None
+    if cfg.model.ship_layers:
+        shipped = shipped_source(msg, context, plan, cfg, client_layout(cfg.model).layer_prefix())
+    return (client_stage_model(cfg.model, plan, settings, shipped),
+            client_tokenizer(cfg.model))
 
 
 def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """One round of local training on this node's partition."""
     rule = make_rule(cfg)
     plan = plan_from_config(msg.content["config"])
-    env, base = _env(cfg, rule, plan, msg, context)
+    env, layout = _env(cfg, rule, plan, msg, context)
     received = from_array_record(msg.content["arrays"])
-    rule.prepare(received, env, base)
-    model = stage_model(base, plan, rule.lora_settings(env))
-    set_lora_state(model, rule.begin(received, env, get_lora_state(model)))
-    set_trainable(model, rule.trainable)
+    model, tok = _model(cfg, rule, plan, rule.lora_settings(env), msg, context, received, env)
+    template, frozen = get_lora_state(model), plan.frozen  # frozen: an emulator's layers
+    set_lora_state(model, fill_frozen(rule.begin(received, env, template), template, frozen,
+                                      env.prefix))
+    set_trainable(model, lambda k: rule.trainable(k) and not in_layers(k, frozen, env.prefix))
+    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
-    tok = base.tokenizer
     batches = [
         collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)
         for records in data.client_batches(env.partition, env.round, cfg.train.local_steps,
@@ -66,7 +95,7 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     def default_update():
         seq = np.random.SeedSequence([cfg.seed, env.partition, env.round])
         seed = int(seq.generate_state(1)[0])
-        return train_local(model, batches, cfg.train, layers=base.family.layers(inner),
+        return train_local(model, batches, cfg.train, layers=layout.family.layers(inner),
                            head=inner.get_output_embeddings(), seed=seed,
                            progress=cfg.output.progress,
                            desc=f"client {env.partition} stage {plan.stage}")
@@ -77,7 +106,7 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "tokens": result.tokens, "flops": result.flops_est, "train-time-s": result.train_time_s,
         "peak-mem-bytes": result.peak_mem_bytes, "mem-delta-bytes": result.mem_delta_bytes,
     })
-    upload = rule.end(get_lora_state(model), env)
+    upload = rule.end(drop_layers(get_lora_state(model), frozen, env.prefix), env)
     return Message(RecordDict({"arrays": to_array_record(upload), "metrics": metrics}),
                    reply_to=msg)
 
@@ -85,14 +114,18 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
 def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Personalized evaluation: the full model with the server's tensors + this client's own."""
     rule = make_rule(cfg)
-    env, base = _env(cfg, rule, StagePlan.full(0), msg, context)
-    env.plan = StagePlan.full(base.num_layers)
-    model = stage_model(base, env.plan, cfg.lora)
+    env, layout = _env(cfg, rule, StagePlan.full(0), msg, context)
+    env.plan = StagePlan.full(layout.depth)
+    if rule.private_base:
+        base = rule.base_model()
+        model, tok = stage_model(base, env.plan, cfg.lora), base.tokenizer
+    else:  # the full model is a stage too: it replaces the held training stage
+        model, tok = client_stage_model(cfg.model, env.plan, cfg.lora), client_tokenizer(cfg.model)
     lora = rule.personal_lora(from_array_record(msg.content["arrays"]), env,
                               get_lora_state(model))
     set_lora_state(model, lora)
     data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
-    loss = heldout_loss(model, heldout_batches(data, base.tokenizer, cfg.data),
+    loss = heldout_loss(model, heldout_batches(data, tok, cfg.data),
                         cfg.train.precision)
     metrics = MetricRecord({"eval-loss": loss, "num-examples": len(data.eval_indices)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -5,11 +5,17 @@ submodel's initial adapter, except never-trained groups, which start from a fres
 (devft.core.initial_adapter); clients fuse the frozen base weights themselves from their own
 copy of the base model. Per round: transfer the aggregated submodel LoRA back to the full
 model and evaluate both. No flwr here; the strategy and ServerApp drive it.
+
+Every stage's report includes the submodel's calibration loss with its initial LoRA
+(`start_calib_loss`); calibrated methods also pick β there (core/calibration.py), and
+frozen (emulator) layers are dropped from the submodel adapter (core/frozen.py).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +23,20 @@ import torch
 
 from devft.config import RunConfig
 from devft.core.adapter_stats import adapter_norms, stage_start_report
+from devft.core.calibration import pick_best
+from devft.core.frozen import drop_layers, fill_frozen, transfer_groups
 from devft.core.fusion import clamped_groups
 from devft.core.grouping import Groups, format_groups
 from devft.core.initial_adapter import initial_submodel_adapter
 from devft.core.layerstate import StateDict
-from devft.core.recipes import stage_groups
-from devft.core.schedule import Stage, build_schedule, full_model_schedule
+from devft.core.schedule import Stage
 from devft.core.stagemaps import transfer_state
+from devft.core.staging import method_groups, method_schedule
 from devft.data import collate, encode, federated_data
 from devft.methods import get_method
 from devft.models.layer_similarity import hidden_similarity, weight_similarity
 from devft.models.loading import BaseModel
-from devft.models.lora import seeded_lora_init, set_lora_state
+from devft.models.lora import get_lora_state, seeded_lora_init, set_lora_state
 from devft.models.submodel import StagePlan, stage_model
 from devft.rules import Rule
 from devft.training.evaluation import heldout_batches, heldout_loss
@@ -59,12 +67,7 @@ class GlobalModel:
         )
 
     def schedule(self) -> list[Stage]:
-        if not self.method.staged:
-            return full_model_schedule(self.depth, self.cfg.federation.rounds)
-        d = self.cfg.devft
-        return build_schedule(
-            self.depth, d.stages, d.num_stages, d.rounds_per_stage, self.cfg.federation.rounds
-        )
+        return method_schedule(self.method, self.cfg, self.depth)
 
     # ---- stage operations ----------------------------------------------------------------
     def similarity(self) -> torch.Tensor:
@@ -77,8 +80,11 @@ class GlobalModel:
         )
 
     def group(self, k: int) -> Groups:
-        return stage_groups(self.method.recipe, self.depth, k, self._similarity_array,
-                            self.cfg.devft.laplacian, seed=self.cfg.seed)
+        return self.group_and_frozen(k)[0]
+
+    def group_and_frozen(self, k: int) -> tuple[Groups, tuple[int, ...]]:
+        """The k groups of a stage and its frozen (emulator) submodel layers."""
+        return method_groups(self.method, self.cfg, self.depth, k, self._similarity_array)
 
     def _similarity_array(self):  # called by the spectral recipe only
         return self.similarity().numpy()
@@ -89,21 +95,42 @@ class GlobalModel:
         Also fills `stage_report` with what explains the stage's start: both adapters' norms,
         the fusion cross term, the groups that got a fresh init and those whose β was clamped.
         """
-        groups = self.group(stage.num_layers)
+        groups, frozen = self.group_and_frozen(stage.num_layers)
         plan = StagePlan(stage.index, tuple(tuple(g) for g in groups), self.cfg.devft.beta,
-                         self.method.fusion)
+                         self.method.fusion, frozen)
         log.info("stage %d: %d layers, groups %s", stage.index, stage.num_layers,
                  format_groups(groups))
-        sub, fresh = initial_submodel_adapter(
-            self.lora, self.initial_lora, groups, plan.beta, plan.fusion, self.prefix,
-            untrained=self.method.untrained_init, seed=self.cfg.seed, stage=stage.index)
+        calibration: dict[str, Any] = {}
+        if self.method.calibrate and not plan.is_full(self.depth):
+            start = time.perf_counter()
+            beta, tried = pick_best(
+                self.cfg.calibrate.betas,
+                lambda b: self.calib_submodel(replace(plan, beta=b),
+                                              self._initial_adapter(replace(plan, beta=b))[0]))
+            plan = replace(plan, beta=beta)
+            calibration = {"calibrated_beta": beta, "calibration_grid": tried,
+                           "calibration_time_s": round(time.perf_counter() - start, 3)}
+            log.info("stage %d: calibrated beta %g (%s)", stage.index, beta,
+                     ", ".join(f"{t['beta']:g}: {t['calib_loss']:.3f}" for t in tried))
+        sub, fresh = self._initial_adapter(plan)
         self.stage_report = {
             **stage_start_report(self.lora, sub, groups, plan.beta, plan.fusion, self.prefix,
                                  self.cfg.lora.r),
             "fresh_init_groups": fresh,
             "clamped_groups": clamped_groups(groups, plan.beta, plan.fusion),
+            "beta": plan.beta,
+            "frozen_layers": list(frozen),
+            "start_calib_loss": self.calib_submodel(plan, sub),
+            **calibration,
         }
-        return plan, sub
+        return plan, drop_layers(sub, frozen, self.prefix)
+
+    def _initial_adapter(self, plan: StagePlan) -> tuple[StateDict, list[int]]:
+        """The plan's submodel adapter fused from the global one (frozen layers included)."""
+        return initial_submodel_adapter(
+            self.lora, self.initial_lora, plan.group_lists(), plan.beta, plan.fusion,
+            self.prefix, untrained=self.method.untrained_init, seed=self.cfg.seed,
+            stage=plan.stage)
 
     def adapter_norms(self, sub_lora: StateDict | None = None) -> dict[str, Any]:
         """Per-layer ‖A‖, ‖B‖ stats of the full model's LoRA (and of a submodel's)."""
@@ -115,8 +142,8 @@ class GlobalModel:
     def absorb(self, plan: StagePlan, sub_lora: StateDict) -> None:
         """Transfer the submodel's aggregated LoRA into the full model's global LoRA."""
         variant = plan.transfer_for(self.method.transfer, self.depth)
-        self.lora = transfer_state(sub_lora, plan.group_lists(), variant, self.prefix,
-                                   into=self.lora)
+        groups = transfer_groups(plan.group_lists(), plan.frozen)
+        self.lora = transfer_state(sub_lora, groups, variant, self.prefix, into=self.lora)
 
     # ---- evaluation ------------------------------------------------------------------------
     def eval_full(self) -> float:
@@ -126,9 +153,22 @@ class GlobalModel:
 
     def eval_submodel(self, plan: StagePlan, sub_lora: StateDict) -> float:
         """Held-out loss of the stage submodel itself with its aggregated LoRA."""
-        model = stage_model(self.base, plan, self.cfg.lora)
-        set_lora_state(model, sub_lora)
+        model = self._loaded_submodel(plan, sub_lora)
         return heldout_loss(model, self.eval_batches, self.cfg.train.precision)
+
+    def calib_submodel(self, plan: StagePlan, sub_lora: StateDict) -> float:
+        """Loss of the stage submodel with `sub_lora` on the calibration rows (never the
+        evaluation rows)."""
+        model = self._loaded_submodel(plan, sub_lora)
+        return heldout_loss(model, [self.calibration], self.cfg.train.precision)
+
+    def _loaded_submodel(self, plan: StagePlan, sub_lora: StateDict):
+        """The plan's submodel with `sub_lora` loaded; frozen layers get B = 0."""
+        model = stage_model(self.base, plan, self.cfg.lora)
+        if plan.frozen:
+            sub_lora = fill_frozen(sub_lora, get_lora_state(model), plan.frozen, self.prefix)
+        set_lora_state(model, sub_lora)
+        return model
 
     def save_adapter(self, path: Path) -> None:
         """The full model's global LoRA in PEFT format (safetensors + adapter_config.json)."""

@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from devft.federation.shipping import SHIPPED, record_bytes
 from devft.federation.wire import wire_bytes
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class Counts:
 
     down: int = 0
     up: int = 0
+    dense_down: int = 0
+    """Of `down`: the dense layers shipped to clients without the base (model.ship_layers)."""
     failed: int = 0
     eval_down: int = 0
     eval_up: int = 0
@@ -166,6 +169,8 @@ class MeteredGrid(Grid):
                 self.counts.eval_down += wire_bytes(m)
             else:
                 self.counts.down += wire_bytes(m)
+                if SHIPPED in m.content:
+                    self.counts.dense_down += record_bytes(m.content, SHIPPED)
         return messages
 
     def _count_up(self, replies: Iterable[Message]) -> list[Message]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,14 @@ from flwr.app import Context, RecordDict
 from devft.config import RunConfig
 from devft.core.fusion import check_beta_for_stages
 from devft.core.recipes import FUSING_RECIPES
-from devft.core.schedule import build_schedule
+from devft.core.staging import method_schedule
 from devft.data import federated_data
+from devft.errors import ConfigError
 from devft.federation.client_app import make_client_app
 from devft.federation.grid import InProcessGrid
 from devft.federation.server_app import make_server_app
+from devft.files import read_json_object
+from devft.lock import output_lock
 from devft.methods import get_method
 from devft.models.loading import load_base_model, resolve_device
 from devft.models.lora import target_modules
@@ -36,17 +39,41 @@ def prepare(cfg: RunConfig) -> None:
     method = get_method(cfg.method)
     if method.staged:
         d = cfg.devft
-        schedule = build_schedule(
-            base.num_layers, d.stages, d.num_stages, d.rounds_per_stage, cfg.federation.rounds
-        )
+        schedule = method_schedule(method, cfg, base.num_layers)
         if method.fusion == "differential" and method.recipe in FUSING_RECIPES:
             check_beta_for_stages(base.num_layers, [s.num_layers for s in schedule], d.beta)
     federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
 
 
+def client_resources(cfg: RunConfig) -> dict[str, float]:
+    """Ray resources of each simulated client: one CPU and `federation.client_gpus` GPUs
+    (auto: the visible GPUs shared evenly by the clients of a round, whole GPUs above 1)."""
+    import torch
+
+    fed = cfg.federation
+    visible = torch.cuda.device_count() if cfg.model.device != "cpu" else 0
+    if fed.client_gpus == "auto":
+        share = visible / (fed.clients_per_round or fed.num_clients)
+        gpus = share if share <= 1 else float(math.floor(share))
+    else:
+        gpus = float(fed.client_gpus)
+        if gpus > visible:
+            raise ConfigError("federation.client_gpus", fed.client_gpus,
+                              f"at most the {visible} GPU(s) visible here, or auto")
+    return {"num_cpus": 1, "num_gpus": gpus}
+
+
 def run_method(cfg: RunConfig) -> dict[str, Any]:
-    """Run `cfg.method` on `cfg.federation.runtime`; returns the run's summary."""
-    prepare(cfg)
+    """Run `cfg.method` on `cfg.federation.runtime`, holding the output directory's lock;
+    returns the run's summary."""
+    with output_lock(cfg.output.dir, f"devft run --method {cfg.method}"):
+        prepare(cfg)
+        resources = client_resources(cfg) if cfg.federation.runtime == "simulation" else {}
+        _run_on_runtime(cfg, resources)
+    return read_json_object(Path(cfg.output.dir) / SUMMARY_FILE)
+
+
+def _run_on_runtime(cfg: RunConfig, resources: dict[str, float]) -> None:
     flwr_log = logging.getLogger("flwr")
     if flwr_log.level <= logging.DEBUG:  # flwr's own default logs every round; keep warnings
         flwr_log.setLevel(logging.WARNING)
@@ -65,6 +92,5 @@ def run_method(cfg: RunConfig) -> dict[str, Any]:
             server_app=make_server_app(cfg),
             client_app=make_client_app(client_cfg),
             num_supernodes=n,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            backend_config={"client_resources": resources},
         )
-    return json.loads((Path(cfg.output.dir) / SUMMARY_FILE).read_text())

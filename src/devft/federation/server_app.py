@@ -6,7 +6,6 @@ binds a config directly (in-process grid and `run_simulation`, whose run_config 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -27,10 +26,15 @@ from devft.federation.checkpoint import (
 )
 from devft.federation.global_model import GlobalModel
 from devft.federation.grid import MeteredGrid
+from devft.federation.pacing import StagePacer
+from devft.federation.shipping import STORE as SHIPPED_STORE
 from devft.federation.strategy import StagedStrategy
 from devft.federation.wire import to_array_record
+from devft.files import atomic_dir, atomic_write_json
+from devft.lock import output_lock
 from devft.models.loading import release_private_base
 from devft.models.submodel import StagePlan
+from devft.reporting.card import CARD_FILE, adapter_card
 from devft.reporting.plots import plot_run
 from devft.reporting.recorder import RunRecorder, read_metrics
 from devft.rules import make_rule
@@ -48,7 +52,7 @@ class ServerRun:
         self.cfg = cfg
         self.out = Path(cfg.output.dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_json(self.out / "config.json", cfg.to_dict())
         self.client_grid = grid  # the in-process grid exposes client contexts for checkpoints
         self.grid = MeteredGrid(grid)
         self.rule = make_rule(cfg)
@@ -58,6 +62,7 @@ class ServerRun:
         self.strategy = StagedStrategy(cfg, self.rule, self._aggregated, personal)
         self.recorder = RunRecorder(self.out, cfg.method, sum(s.rounds for s in self.schedule),
                                     cfg.output.progress, fresh=not cfg.output.resume)
+        self.pacer = StagePacer(cfg, self.model.method, self.schedule)
         self.plan: StagePlan | None = None
         self.stage_report: dict[str, Any] | None = None
 
@@ -75,21 +80,28 @@ class ServerRun:
                                                 self.plan.group_lists(), self.stage_report)
                     self.rule.start_stage(sub_lora, self.plan)
                 trainable = self.rule.trainable_count()
-                self.strategy.begin_stage(self.plan, offset, done)
-                if stage.rounds > done:
+                while (todo := self.pacer.next_rounds(stage, offset, done,
+                                                      self.recorder.records)) > 0:
+                    self.strategy.begin_stage(self.plan, offset, done)
                     self.strategy.start(
                         grid=self.grid, initial_arrays=to_array_record(self.rule.eval_lora()),
-                        num_rounds=stage.rounds - done, timeout=self.cfg.federation.timeout_s,
+                        num_rounds=todo, timeout=self.cfg.federation.timeout_s,
                         evaluate_fn=lambda r, _a, t=trainable: self._end_round(r, t))
-                offset, done = offset + stage.rounds - done, 0
-            if not self.rule.export(self.out / "adapter", self.model):
-                self.model.save_adapter(self.out / "adapter")
+                    offset, done = offset + todo, done + todo
+                self.recorder.stages[-1]["rounds"] = done  # adaptive: the rounds it ran
+                done = 0
+            with atomic_dir(self.out / "adapter") as adapter:
+                if not self.rule.export(adapter, self.model):
+                    self.model.save_adapter(adapter)
+                (adapter / CARD_FILE).write_text(adapter_card(self.cfg, self.recorder.records))
         finally:
             release_private_base(self.cfg.output.dir)
         summary = self.recorder.finish({
             "model": self.cfg.model.path, "depth": self.model.depth,
             "num_clients": self.cfg.federation.num_clients, "seed": self.cfg.seed,
             "personalized_eval": self.rule.personalized,
+            "total_dense_bytes_down": sum(r.get("dense_bytes_down") or 0
+                                          for r in self.recorder.records),
         })
         plot_run(self.recorder.records, self.out / "loss.png")
         return summary
@@ -102,12 +114,13 @@ class ServerRun:
                    **{f"rule.{k}": v for k, v in rule_tensors.items()}}
         for node, context in getattr(self.client_grid, "contexts", {}).items():
             for name, record in context.state.items():
-                if isinstance(record, ArrayRecord):
+                if isinstance(record, ArrayRecord) and not name.startswith(SHIPPED_STORE):
                     tensors[f"client.{node}.{name}"] = record.to_torch_state_dict()
         plan = self.plan
         state = {
             "round": global_round, "stage": plan.stage, "stage_round": stage_round,
-            "plan": {"groups": plan.group_lists(), "beta": plan.beta, "fusion": plan.fusion},
+            "plan": {"groups": plan.group_lists(), "beta": plan.beta, "fusion": plan.fusion,
+                     "frozen": list(plan.frozen)},
             "rule": rule_meta, "recorder": self.recorder.state(), "rng": rng_meta,
             "config": self.cfg.to_dict(),
         }
@@ -123,7 +136,7 @@ class ServerRun:
                              "config; resume with the run's own config.json")
         p = state["plan"]
         self.plan = StagePlan(state["stage"], tuple(tuple(g) for g in p["groups"]), p["beta"],
-                              p["fusion"])
+                              p["fusion"], tuple(p.get("frozen", ())))
         self.model.lora = tensors["global-lora"]
         rule_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("rule.")}
         self.rule.load_state_dict(rule_tensors, state["rule"], self.plan, self.model)
@@ -163,6 +176,7 @@ class ServerRun:
             "round": offset + server_round, "stage": plan.stage, "stage_round": stage_round,
             "layers_trained": plan.num_layers, "trainable_params": trainable,
             "bytes_down": counts.down, "bytes_up": counts.up,
+            "dense_bytes_down": counts.dense_down,
             "eval_bytes": counts.eval_down + counts.eval_up,
             "process_rss_bytes": rss_bytes(),
             "eval_loss": (self.strategy.last_eval if personalized
@@ -173,6 +187,9 @@ class ServerRun:
         }
         if record["eval_loss"] is None:
             record["eval_loss"] = math.nan
+        if self.pacer.adaptive and not full:  # what decides the stage's length
+            record["sub_calib_loss"] = recorder.timed_eval(
+                self.model.calib_submodel, plan, self.rule.eval_lora())
         record["adapter_norms"] = self.model.adapter_norms(None if full else self.rule.eval_lora())
         if self.stage_report is not None:  # the first record after a stage's plan
             record["stage_start"], self.stage_report = self.stage_report, None
@@ -185,8 +202,11 @@ class ServerRun:
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """Run every stage of `cfg.method` over `grid`; write metrics, summary, adapter and plot."""
-    return ServerRun(grid, cfg).run()
+    """Run every stage of `cfg.method` over `grid`; write metrics, summary, adapter and plot.
+
+    Holds the output directory's lock (`devft.lock`) for the whole run."""
+    with output_lock(cfg.output.dir, f"devft run --method {cfg.method}"):
+        return ServerRun(grid, cfg).run()
 
 
 def make_server_app(cfg: RunConfig | None = None) -> ServerApp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -19,6 +20,8 @@ from flwr.serverapp.strategy import FedAvg
 from devft.config import RunConfig
 from devft.core.layerstate import StateDict
 from devft.core.validation import check_update
+from devft.errors import RunStalledError
+from devft.federation.shipping import SHIPPED, LayerShipper
 from devft.federation.wire import from_array_record, plan_to_config, to_array_record
 from devft.models.submodel import StagePlan
 from devft.rules import NodeSlot, Rule
@@ -48,11 +51,16 @@ class StagedStrategy(FedAvg):
         self.last_train: dict[str, float] = {}
         self.last_eval: float | None = None
         self.sent = 0
+        self.shipper = LayerShipper(cfg, rule) if cfg.model.ship_layers else None
+        self.skipped = 0
+        """Consecutive rounds without federation.min_replies valid replies."""
 
     def begin_stage(self, plan: StagePlan, round_offset: int, stage_done: int = 0) -> None:
         """Rounds of this `start` continue the global count after `round_offset`, and the
         stage's own count after `stage_done` (non-zero when resuming mid-stage)."""
         self.plan, self.round_offset, self.stage_done = plan, round_offset, stage_done
+        if self.shipper is not None:
+            self.shipper.begin_stage(plan)
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
@@ -85,6 +93,9 @@ class StagedStrategy(FedAvg):
                 "config": ConfigRecord({**plan_to_config(self.plan), **extra,
                                         "server-round": server_round, "global-round": round_}),
             })
+            dense = self.shipper.payload(int(node)) if self.shipper is not None else None
+            if dense is not None:  # model.ship_layers: dense layers the node does not hold yet
+                record[SHIPPED] = dense
             messages.append(Message(content=record, message_type=MessageType.TRAIN,
                                     dst_node_id=int(node)))
         return messages
@@ -98,10 +109,11 @@ class StagedStrategy(FedAvg):
         """
         round_ = self.global_round(server_round)
         replies = list(replies)
-        valid, rejected, failed = [], [], 0
+        valid, rejected, failed, errors = [], [], 0, []
         for msg in replies:
             if msg.has_error():
                 failed += 1
+                errors.append(msg.error.reason)
                 log.warning("round %d: client node %s failed: %s", round_,
                             msg.metadata.src_node_id, msg.error.reason)
                 continue
@@ -112,6 +124,8 @@ class StagedStrategy(FedAvg):
                 rejected.append(f"node {msg.metadata.src_node_id}: {reason}")
                 log.warning("round %d: rejected the reply of client node %s: %s", round_,
                             msg.metadata.src_node_id, reason)
+        if self.shipper is not None:
+            self.shipper.confirm(m.metadata.src_node_id for m in valid)
         missing = max(0, self.sent - len(replies))
         if missing:
             log.warning("round %d: %d client(s) sent no reply in time", round_, missing)
@@ -121,7 +135,9 @@ class StagedStrategy(FedAvg):
             log.warning("round %d: %d valid replies, fewer than federation.min_replies=%d; "
                         "the global adapter is unchanged", round_, len(valid),
                         self.cfg.federation.min_replies)
+            self._stalled(round_, failed + missing, rejected, errors)
             return None, None
+        self.skipped = 0
         uploads = [from_array_record(m.content["arrays"]) for m in valid]
         metrics = [m.content["metrics"] for m in valid]
         nodes = [self.slots[m.metadata.src_node_id] for m in valid]
@@ -130,6 +146,20 @@ class StagedStrategy(FedAvg):
         self.last_train.update(_client_summary(metrics))
         return to_array_record(self.rule.eval_lora()), MetricRecord(
             {k: v for k, v in self.last_train.items() if isinstance(v, (int, float))})
+
+    def _stalled(self, round_: int, failed: int, rejected: list[str], errors: list[str]) -> None:
+        """Count a skipped round; stop the run after federation.max_skipped_rounds in a row."""
+        self.skipped += 1
+        fed = self.cfg.federation
+        if self.skipped < fed.max_skipped_rounds:
+            return
+        first = (errors or rejected or ["no reply within federation.timeout_s"])[0]
+        raise RunStalledError(
+            f"round {round_}: stopped after {self.skipped} rounds in a row with fewer than "
+            f"federation.min_replies={fed.min_replies} valid replies ({failed} of {self.sent} "
+            f"clients failed, {len(rejected)} rejected); first client error: {one_line(first)}; "
+            f"fix the cause, then `devft run --resume {self.cfg.output.dir}` continues from "
+            f"the checkpoint of round {round_ - 1}")
 
     def _check_reply(self, msg: Message) -> str | None:
         """Why a reply cannot be aggregated, or None."""
@@ -177,6 +207,27 @@ class StagedStrategy(FedAvg):
 
 _REPLY_METRICS = ("num-examples", "train-loss", "flops", "tokens", "train-time-s",
                   "peak-mem-bytes", "mem-delta-bytes")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b(: .*)?")
+
+
+def one_line(reason: str, limit: int = 200) -> str:
+    """A client error on one short line: Flower's `<class 'X'>:<'msg'>` wrapper dropped; for a
+    traceback (Ray's replies carry one), its first exception line, i.e. the root cause; then
+    whitespace collapsed and the text cut at `limit` characters."""
+    text = _ANSI.sub("", reason).strip()
+    wrapped = re.fullmatch(r"<class '[^']+'>:<'(.*)'>", text, flags=re.S)
+    if wrapped:
+        text = wrapped.group(1).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if any(ln.startswith(("Traceback (most recent call last)", 'File "')) for ln in lines):
+        raised = [ln for ln in lines if _EXCEPTION_LINE.fullmatch(ln)]
+        lines = raised[:1] or lines[-1:]
+    text = " ".join(" ".join(lines).split())
+    text = re.sub(r"^Exception ClientAppException occurred\. Message:\s*", "", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _client_summary(metrics: list[MetricRecord]) -> dict[str, float]:

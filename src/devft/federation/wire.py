@@ -24,13 +24,16 @@ def from_array_record(record: ArrayRecord) -> StateDict:
 
 def plan_to_config(plan: StagePlan) -> dict[str, int | float | str | list[int]]:
     """The stage plan as ConfigRecord values (groups flattened, with their sizes)."""
-    return {
+    out: dict[str, int | float | str | list[int]] = {
         "stage": plan.stage,
         "groups": [i for g in plan.groups for i in g],
         "group-sizes": [len(g) for g in plan.groups],
         "beta": float(plan.beta),
         "fusion": plan.fusion,
     }
+    if plan.frozen:  # ConfigRecord lists must not be empty
+        out["frozen"] = list(plan.frozen)
+    return out
 
 
 def plan_from_config(config: ConfigRecord) -> StagePlan:
@@ -39,8 +42,10 @@ def plan_from_config(config: ConfigRecord) -> StagePlan:
     for size in sizes:
         groups.append(tuple(int(i) for i in flat[start : start + size]))
         start += size
+    frozen = tuple(int(i) for i in config["frozen"]) if "frozen" in config else ()
     return StagePlan(
-        int(config["stage"]), tuple(groups), float(config["beta"]), str(config["fusion"])
+        int(config["stage"]), tuple(groups), float(config["beta"]), str(config["fusion"]),
+        frozen,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,15 +88,49 @@ def check_model_config(path: str) -> AutoConfig:
         ) from None
 
 
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(resolved: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (pad = eos when it has no pad token), once per process."""
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+_LOADED: weakref.WeakValueDictionary[tuple[str, str, str], BaseModel] = (
+    weakref.WeakValueDictionary())
+
+
 @functools.lru_cache(maxsize=2)
 def _load(resolved: str, dtype: str, device: str) -> BaseModel:
-    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    tokenizer = load_tokenizer(resolved)
     model = AutoModelForCausalLM.from_pretrained(resolved, dtype=DTYPES[dtype])
     model.to(device).eval()
     model.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(model, tokenizer, family_of(model), resolved, torch.device(device))
+    base = BaseModel(model, tokenizer, family_of(model), resolved, torch.device(device))
+    _LOADED[(resolved, dtype, device)] = base
+    return base
+
+
+def loaded_base_model(cfg: ModelConfig) -> BaseModel | None:
+    """The base of `cfg` if this process has already loaded it (never loads it)."""
+    key = (resolve_model_path(cfg.path), cfg.dtype, str(resolve_device(cfg.device)))
+    return _LOADED.get(key)
+
+
+def local_model_dir(path: str) -> Path:
+    """A local directory holding the model's files (a hub id: its config, tokenizer and
+    safetensors files fetched into the hub cache, never pickled weights)."""
+    resolved = resolve_model_path(path)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors",
+                                                                 "*.model", "*.txt"]))
+    except Exception as err:  # network, auth or a missing repo: one clear message
+        raise ModelError(f"model.path = {path!r} could not be fetched: {err}") from None
 
 
 def load_base_model(cfg: ModelConfig) -> BaseModel:

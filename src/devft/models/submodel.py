@@ -35,6 +35,8 @@ class StagePlan:
     groups: tuple[tuple[int, ...], ...]
     beta: float
     fusion: str = "differential"
+    frozen: tuple[int, ...] = ()
+    """Submodel layers whose LoRA is neither trained nor sent (an emulator; core/frozen.py)."""
 
     @property
     def num_layers(self) -> int:
@@ -70,7 +72,7 @@ def build_submodel(
 ) -> PreTrainedModel:
     """An L_s-layer model: layer n is group n's fusion (or the layer itself if |g| = 1)."""
     layers = family.layers(model)
-    config = _sub_config(model.config, family, groups, len(layers))
+    config = sub_config(model.config, family, groups, len(layers))
     shared: dict[int, object] = {
         id(t): t for t in itertools.chain(model.parameters(), model.buffers())
     }
@@ -100,7 +102,7 @@ def build_submodel(
     return sub
 
 
-def _sub_config(
+def sub_config(
     base_config: PreTrainedConfig, family: Family, groups: Groups, depth: int
 ) -> PreTrainedConfig:
     """The base config with the submodel's layer count and per-layer lists (anchor's entry)."""
@@ -113,7 +115,7 @@ def _sub_config(
     return config
 
 
-@functools.lru_cache(maxsize=6)
+@functools.lru_cache(maxsize=3)  # the server's full model, its current stage, one spare
 def _cached_stage_model(
     base: BaseModel, groups: tuple, beta: float, fusion: str, lora_key: tuple
 ) -> PeftModel:

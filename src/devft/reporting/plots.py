@@ -10,6 +10,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from devft.files import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    """PNG written atomically (devft.files), so a kill never leaves half an image."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+
 
 def _stage_bounds(records: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
     """(stage, first round, last round) of each stage, from the round records."""
@@ -67,7 +75,7 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(records[0]["method"])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -103,5 +111,5 @@ def plot_comparison(
     else:
         axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)

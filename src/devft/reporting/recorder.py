@@ -1,20 +1,22 @@
 """Per-round metrics of a run, written as each round ends (metrics.jsonl), and its summary.
 
 Each line is flushed and fsynced when the round ends, so a crash at round k loses nothing
-before k. Wall time excludes the server's measurement-only evaluation (it is reported
-separately as eval_time_s) so methods are compared on the cost of training itself.
+before k; a line cut short by a kill is dropped when read, and `summary.json` is written
+atomically (`devft.files`). Wall time excludes the server's measurement-only evaluation (it
+is reported separately as eval_time_s) so methods are compared on the cost of training itself.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from devft.files import append_line, atomic_write_json, atomic_write_text, read_jsonl
 
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 
@@ -26,7 +28,7 @@ class RunRecorder:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / METRICS_FILE
         if fresh:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         self.method, self.total_rounds = method, total_rounds
         self.records: list[dict[str, Any]] = []
         self.stages: list[dict[str, Any]] = []
@@ -47,8 +49,7 @@ class RunRecorder:
         self.eval_time = state["eval_time"]
         self.start = time.perf_counter() - state["wall_time"] - self.eval_time
         self.records = list(records)
-        with self.path.open("w") as f:
-            f.writelines(json.dumps(_finite(r)) + "\n" for r in records)
+        atomic_write_text(self.path, "".join(json.dumps(_finite(r)) + "\n" for r in records))
         self.bar.update(records[-1]["round"] if records else 0)
 
     def wall_time(self) -> float:
@@ -82,10 +83,7 @@ class RunRecorder:
         record["eval_time_s"] = round(self.eval_time, 3)
         record = {"method": self.method, **record}
         self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(_finite(record)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(_finite(record)))
         if record["round"] > 0:
             self.bar.update(1)
             self.bar.set_postfix(stage=record.get("stage"), loss=f"{record['eval_loss']:.3f}")
@@ -108,7 +106,7 @@ class RunRecorder:
             "stages": self.stages,
             **extra,
         }
-        (self.out_dir / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2) + "\n")
+        atomic_write_json(self.out_dir / SUMMARY_FILE, _finite(summary))
         return summary
 
 
@@ -124,5 +122,6 @@ def _finite(obj: Any) -> Any:
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(out_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The round records of a run directory (a truncated last line is dropped, with a
+    warning; any other bad line is a RunFileError naming the file)."""
+    return read_jsonl(Path(out_dir) / METRICS_FILE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from devft.core.aggregation import weighted_mean
+from devft.core.frozen import transfer_groups
 from devft.core.layerstate import StateDict
 from devft.core.stagemaps import fuse_state, transfer_state
 from devft.methods import get_method
@@ -52,7 +53,8 @@ class FedSALoRA(Rule):
     def end(self, trained: StateDict, env: ClientEnv) -> StateDict:
         depth = int(env.extra["depth"])
         transfer = env.plan.transfer_for(get_method(self.cfg.method).transfer, depth)
-        full_b = transfer_state(only(trained, "lora_B"), env.plan.group_lists(), transfer,
+        groups = transfer_groups(env.plan.group_lists(), env.plan.frozen)  # emulator: none
+        full_b = transfer_state(only(trained, "lora_B"), groups, transfer,
                                 env.prefix, into=env.store.get(B_STATE))
         env.store.put(B_STATE, full_b)
         return only(trained, "lora_A")

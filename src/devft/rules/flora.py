@@ -55,6 +55,10 @@ def _unflatten(flat: list[int], sizes: list[int]) -> list[list[int]]:
 
 
 class FLoRA(Rule):
+    """FLoRA's server and client halves. Its clients need the full base: they merge every
+    stack into it, so unlike the other rules they load the whole base model (not only their
+    stage; `private_base`), and `model.ship_layers` is refused for it."""
+
     name = "flora"
     private_base = True
 

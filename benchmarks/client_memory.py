@@ -1,0 +1,365 @@
+"""Peak memory of a client process per stage, measured in real client processes.
+
+The real ServerApp (`ServerRun`) runs DevFT and FedIT with one client over a grid that hands
+every train message to a fresh Python process, as a SuperNode hands it to a ClientApp
+process: the message travels in Flower's own wire form (its deflated object tree), the node's
+Context as Flower's protobuf, and the child runs `devft.federation.client_app:app`, which
+reads the run config from the Context like under `flwr run`. The child's peak RSS (VmHWM) is
+the client's peak. The same message is also replayed in fresh processes at the other batch
+shapes and with gradient checkpointing on, and with the legacy client (the whole base loaded
+by transformers, the stage fused from it), for comparison; only the first reply goes back to
+the server.
+
+Per child it reports: the peak; the peak above the "floor" (VmHWM of the same kind of
+process after the same imports, with no model); and the limit computed from tensors:
+frozen weights + LoRA with its gradient and AdamW's two moments (4 x fp32) + the peak of the
+tensors autograd saves for backward at the batch's shape (+ the largest of them, for the
+gradient in flight), measured with saved_tensors_hooks on one extra step after the peak was
+read. Records are all of max_seq_len tokens, so shapes are exact. Writes client_memory.json
+and client_memory.png.
+
+    python benchmarks/client_memory.py --out runs/bench/client-memory          # both models
+    python benchmarks/client_memory.py --models smollm2-135m-instruct --out /tmp/cm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SHAPES = ((4, 192), (1, 64))
+MIB = 2**20
+
+
+def status() -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+# ---- child: one ClientApp call in this process ---------------------------------------------
+def child(spec_path: str) -> None:
+    import devft.federation.client_app as client_app  # the imports every client does
+
+    after_import = status()
+    if spec_path == "floor":
+        print(json.dumps({"floor": after_import}))
+        return
+    from flwr.app import Context, RecordDict
+    from flwr.common.serde import context_from_proto, context_to_proto
+    from flwr.proto.message_pb2 import Context as ProtoContext
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+    from flwr.supercore.task_identity import TaskIdentity
+
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(spec_path).parent
+    objects = json.loads((work / "message.json").read_text())
+    contents = {k: bytes.fromhex(v) for k, v in objects["objects"].items()}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    msg = inflate_object_from_contents(objects["root"], contents)
+    msg.metadata.__dict__["_message_id"] = objects["message_id"]
+    context = context_from_proto(ProtoContext.FromString((work / "context.pb").read_bytes()))
+    context = Context(run_id=context.run_id, node_id=context.node_id,
+                      node_config=context.node_config, state=context.state or RecordDict(),
+                      run_config=dict(spec["run_config"]))
+    marks: dict[str, Any] = {"after_import": after_import}
+    if spec.get("legacy"):
+        _use_legacy_client(client_app)
+    build = client_app._model
+
+    def timed_build(*args, **kwargs):
+        out = build(*args, **kwargs)
+        marks["after_build"] = status()
+        return out
+
+    client_app._model = timed_build
+    reply = client_app.app(msg, context)
+    marks["after_train"] = status()
+    if reply.has_error():
+        raise SystemExit(f"client failed: {reply.error.reason}")
+    metrics = dict(reply.content["metrics"])
+    limit = _limit_from_tensors(client_app, spec)
+    objs = {k: v.deflate().hex() for k, v in get_all_nested_objects(reply).items()}
+    (work / "reply.json").write_text(json.dumps({"root": reply.object_id, "objects": objs}))
+    context_out = context_to_proto(context).SerializeToString()
+    (work / "context-out.pb").write_bytes(context_out)
+    print(json.dumps({"marks": marks, "metrics": metrics, "limit": limit}))
+
+
+def _use_legacy_client(client_app: Any) -> None:
+    """The client before issue 10: the whole base loaded by transformers, stage fused from it."""
+    from devft.models.loading import load_base_model
+    from devft.models.submodel import stage_model
+
+    def legacy(cfg, rule, plan, settings, msg, context, received, env):
+        base = load_base_model(cfg.model)
+        return stage_model(base, plan, settings), base.tokenizer
+
+    client_app._model = legacy
+
+
+def _limit_from_tensors(client_app: Any, spec: dict) -> dict[str, int]:
+    """Weights, LoRA state and activations of the held stage, counted from its tensors."""
+    import weakref
+
+    import torch
+
+    from devft.config import from_run_config
+    from devft.data import collate, encode, federated_data
+    from devft.models.client_stage import HOLDER, client_tokenizer
+    from devft.models.submodel import frozen_parameter_bytes
+    from devft.training.loss import response_loss
+
+    model = HOLDER.model
+    if model is None:  # the legacy client's model is not held: its limit is the stage's
+        return {}
+    cfg = from_run_config(spec["run_config"])
+    tok = client_tokenizer(cfg.model)
+    data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
+    records = next(iter(data.client_batches(0, 1, 1, cfg.train.batch_size, cfg.seed)))
+    batch = collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)
+    lora = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    refs: dict[int, int] = {}  # storage -> saved tensors alive on it
+    sizes: dict[int, int] = {}
+    peak = [0, 0]
+
+    def release(ptr: int) -> None:
+        refs[ptr] -= 1
+        if refs[ptr] == 0:
+            del refs[ptr], sizes[ptr]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in params or t.device.type == "meta":
+            return t
+        refs[ptr] = refs.get(ptr, 0) + 1
+        sizes[ptr] = t.untyped_storage().nbytes()
+        weakref.finalize(t, release, ptr)
+        peak[0] = max(peak[0], sum(sizes.values()))
+        peak[1] = max(peak[1], sizes[ptr])
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, n = response_loss(model, batch, cfg.train.precision)
+        (loss / n).backward()
+    model.zero_grad(set_to_none=True)
+    return {"weights": frozen_parameter_bytes(model), "lora_state": 4 * lora,
+            "activations": peak[0], "largest_activation": peak[1],
+            "total": frozen_parameter_bytes(model) + 4 * lora + peak[0] + peak[1],
+            "batch_shape": list(batch["input_ids"].shape)}
+
+
+# ---- parent: the real ServerApp over a grid of client processes ----------------------------
+def _run_child(spec: dict, work: Path) -> dict:
+    (work / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, __file__, "--child", str(work / "spec.json")],
+                          capture_output=True, text=True, env={**os.environ,
+                                                               "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"client process failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _variants(cfg) -> list[dict[str, Any]]:
+    """The served variant first (default shape, checkpointing off), then the replays."""
+    out = []
+    for batch, seq in SHAPES:
+        for ckpt in (False, True):
+            out.append({"batch": batch, "seq": seq, "checkpointing": ckpt, "legacy": False})
+        out.append({"batch": batch, "seq": seq, "checkpointing": False, "legacy": True})
+    return out
+
+
+def make_grid(cfg, results: list[dict], label: str):
+    """An InProcessGrid whose ClientApp call is a set of fresh client processes."""
+    from flwr.app import Context
+    from flwr.common.serde import context_from_proto, context_to_proto
+    from flwr.proto.message_pb2 import Context as ProtoContext
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    from devft.federation.client_app import make_client_app
+    from devft.federation.grid import InProcessGrid
+
+    def call(msg, context: Context):
+        plan_layers = len(msg.content["config"]["group-sizes"])
+        reply = None
+        for variant in _variants(cfg):
+            with tempfile.TemporaryDirectory() as tmp:
+                work = Path(tmp)
+                objs = {k: v.deflate().hex() for k, v in get_all_nested_objects(msg).items()}
+                (work / "message.json").write_text(json.dumps({
+                    "root": msg.object_id, "objects": objs,
+                    "message_id": msg.metadata.message_id}))
+                (work / "context.pb").write_bytes(context_to_proto(context).SerializeToString())
+                run_cfg = cfg.replace(**{
+                    "train.batch_size": variant["batch"], "data.max_seq_len": variant["seq"],
+                    "train.gradient_checkpointing": variant["checkpointing"]})
+                start = time.perf_counter()
+                out = _run_child({"run_config": run_cfg.to_run_config(),
+                                  "legacy": variant["legacy"]}, work)
+                out.update(variant, method=label, layers=plan_layers,
+                           process_s=time.perf_counter() - start)
+                results.append(out)
+                print(json.dumps({k: out[k] for k in ("method", "layers", "batch", "seq",
+                                                      "checkpointing", "legacy")}),
+                      "peak MiB", out["marks"]["after_train"]["VmHWM"] // MIB, flush=True)
+                if reply is None:  # the served variant: its reply and state go back
+                    data = json.loads((work / "reply.json").read_text())
+                    contents = {k: bytes.fromhex(v) for k, v in data["objects"].items()}
+                    reply = inflate_object_from_contents(data["root"], contents)
+                    new = context_from_proto(ProtoContext.FromString(
+                        (work / "context-out.pb").read_bytes()))
+                    context.state = new.state
+        return reply
+
+    grid = InProcessGrid(make_client_app(cfg), 1)
+    grid._app = call
+    return grid
+
+
+def _write_data(path: Path) -> Path:
+    """Records longer than any max_seq_len here: every row is exactly max_seq_len tokens."""
+    import random
+
+    rng = random.Random(0)
+    words = ["river", "stone", "market", "cloud", "seven", "garden", "signal", "amber",
+             "harbor", "violet", "engine", "paper", "winter", "copper", "forest", "table"]
+    rows = [{"instruction": " ".join(rng.choice(words) for _ in range(400)), "input": "",
+             "output": " ".join(rng.choice(words) for _ in range(400)), "category": "long"}
+            for _ in range(64)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_model(model: str, out: Path, data: Path, threads: int) -> list[dict]:
+    from devft.config import load_config
+    from devft.federation.server_app import run_server
+    from devft.models.client_stage import client_layout
+
+    results: list[dict] = []
+    depth = None
+    for method in ("fedit", "devft"):
+        overrides = [
+            f"model.path={model}", "model.device=cpu", "model.dtype=fp32", f"method={method}",
+            f"data.name={data}", "data.eval_examples=2", "data.eval_batch_size=2",
+            "federation.num_clients=1", "train.local_steps=2", "train.batch_size=4",
+            "data.max_seq_len=192", f"train.threads={threads}", "devft.calibration_examples=2",
+            "output.progress=false", f"output.dir={out / 'runs' / model / method}"]
+        cfg = load_config(None, overrides)
+        depth = depth or client_layout(cfg.model).depth
+        rounds = 1 if method == "fedit" else 4
+        cfg = cfg.replace(**{"federation.rounds": rounds, "devft.rounds_per_stage": [1]})
+        run_server(make_grid(cfg, results, method), cfg)
+    return results
+
+
+def summarize(results: list[dict], floor: int) -> list[dict]:
+    rows = []
+    for r in results:
+        peak = r["marks"]["after_train"]["VmHWM"]
+        rows.append({k: r[k] for k in ("method", "layers", "batch", "seq", "checkpointing",
+                                       "legacy")} | {
+            "peak_bytes": peak, "above_floor_bytes": peak - floor,
+            "build_peak_above_floor_bytes": r["marks"]["after_build"]["VmHWM"] - floor,
+            "rss_file_bytes": r["marks"]["after_train"]["RssFile"],
+            "limit": r["limit"],
+            "step_s": r["metrics"]["train-time-s"] / max(1, r["metrics"]["steps"]),
+            "process_s": r["process_s"]})
+    for row in rows:
+        ref = next((x for x in rows if x["method"] == "fedit" and x["batch"] == row["batch"]
+                    and x["checkpointing"] == row["checkpointing"]
+                    and x["legacy"] == row["legacy"]), None)
+        row["ratio_to_fedit"] = row["above_floor_bytes"] / ref["above_floor_bytes"]
+        row["vs_limit"] = (row["above_floor_bytes"] / row["limit"]["total"]
+                           if row["limit"] else None)
+        off = next(x for x in rows if x["method"] == row["method"]
+                   and x["layers"] == row["layers"] and x["batch"] == row["batch"]
+                   and not x["checkpointing"] and not x["legacy"])
+        row["step_time_vs_no_checkpointing"] = row["step_s"] / off["step_s"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="runs/bench/client-memory")
+    parser.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _write_data(out / "long-records.jsonl")
+    floors = [_run_child_floor() for _ in range(3)]
+    floor = min(floors)
+    report: dict[str, Any] = {"floor_bytes": floor, "floor_runs_bytes": floors,
+                              "shapes": SHAPES, "models": {}}
+    for model in args.models.split(","):
+        results = run_model(model, out, data, args.threads)
+        report["models"][model] = summarize(results, floor)
+        (out / "client_memory.json").write_text(json.dumps(report, indent=2))
+    _plot(report, out / "client_memory.png")
+
+
+def _run_child_floor() -> int:
+    proc = subprocess.run([sys.executable, __file__, "--child", "floor"], capture_output=True,
+                          text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["floor"]["VmHWM"]
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["models"])
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, (batch, seq) in enumerate(SHAPES):
+            ax = axes[i][j]
+            rows = [r for r in report["models"][model] if r["batch"] == batch]
+            labels = sorted({(r["method"], r["layers"]) for r in rows},
+                            key=lambda k: (k[0] == "fedit", k[1]))
+            x = range(len(labels))
+
+            def pick(method, layers, ckpt, legacy, key, rows=rows):
+                r = next(r for r in rows if (r["method"], r["layers"]) == (method, layers)
+                         and r["checkpointing"] == ckpt and r["legacy"] == legacy)
+                return (r[key] if key != "limit" else r["limit"]["total"]) / MIB
+
+            for k, (name, ckpt, legacy, key) in enumerate((
+                    ("legacy client (full base)", False, True, "above_floor_bytes"),
+                    ("stage client", False, False, "above_floor_bytes"),
+                    ("stage client + checkpointing", True, False, "above_floor_bytes"),
+                    ("limit from tensors", False, False, "limit"))):
+                ax.bar([v + k * 0.2 for v in x], [pick(m, n, ckpt, legacy, key)
+                                                  for m, n in labels], 0.2, label=name)
+            ax.set_xticks([v + 0.3 for v in x], [f"{m} {n}L" for m, n in labels], fontsize=8)
+            ax.set_ylabel("peak RSS above floor (MiB)")
+            ax.set_title(f"{model}, batch {batch}x{seq}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""A stage client's model: only its stage, one stage at a time, the same code in every runtime.
+
+`client_stage_model` builds the LoRA-wrapped submodel of a stage plan with
+`devft.models.stage_builder`, from one of three sources:
+- the base model's safetensors files, memory-mapped (a SuperNode's or Ray worker's process,
+  which never loads the whole base);
+- the base this process already holds (the in-process grid, whose server loaded it): the
+  same builder, sharing the base's tensors instead of reading the files again;
+- the dense layers the server shipped (`federation.ship_layers`, for devices without the
+  base's weights).
+The process holds one stage: building another first releases the previous stage's model, its
+LoRA and everything that referenced them (the optimizer lives only inside a round).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from devft.config import LoraSettings, ModelConfig
+from devft.models.loading import (
+    DTYPES,
+    load_tokenizer,
+    loaded_base_model,
+    local_model_dir,
+    resolve_device,
+)
+from devft.models.lora import attach_lora
+from devft.models.stage_builder import (
+    BaseLayout,
+    base_layout,
+    build_stage,
+)
+from devft.models.submodel import StagePlan
+from devft.models.tensor_source import TensorSource, module_source
+
+log = logging.getLogger(__name__)
+
+
+class StageHolder:
+    """At most one stage model per process; a new key releases the old model first."""
+
+    def __init__(self) -> None:
+        self.key: Hashable | None = None
+        self.model: PeftModel | None = None
+
+    def get(self, key: Hashable, build: Callable[[], PeftModel]) -> PeftModel:
+        if key != self.key or self.model is None:
+            self.release()
+            self.model = build()
+            self.key = key
+        return self.model
+
+    def release(self) -> None:
+        """Drop the held stage and collect it (its tensors are freed if nothing else holds
+        them)."""
+        self.key = self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+HOLDER = StageHolder()
+
+
+def client_layout(cfg: ModelConfig) -> BaseLayout:
+    """The base's config, family and tensor names, from its directory (no weights read)."""
+    return base_layout(str(local_model_dir(cfg.path)))
+
+
+def client_tokenizer(cfg: ModelConfig) -> Any:
+    return load_tokenizer(str(local_model_dir(cfg.path)))
+
+
+def _base_source(cfg: ModelConfig, layout: BaseLayout) -> tuple[Callable[[], TensorSource],
+                                                                 Hashable]:
+    """(opener, key) of the base's tensors: the loaded base when this process holds one (the
+    in-process grid), else the memory-mapped files (checked against config.json)."""
+    shared = loaded_base_model(cfg)
+    if shared is not None:
+        return lambda: module_source(shared.model, f"the loaded base {shared.path}"), id(shared)
+
+    return layout.open_files, "files"
+
+
+def _plan_key(plan: StagePlan) -> tuple:
+    fused = any(len(g) > 1 for g in plan.groups)
+    return (plan.groups, plan.beta, plan.fusion) if fused else (plan.groups, 0.0, "differential")
+
+
+def client_stage_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSettings,
+                       shipped: tuple[TensorSource, Hashable] | None = None) -> PeftModel:
+    """The LoRA-wrapped submodel of `plan`, held until the next stage (see module docstring).
+
+    `shipped`: (source, key) of dense layers the server sent, already fused, named as the
+    submodel's; `key` identifies their stage. Callers load the adapter they need with
+    `set_lora_state` before each use.
+    """
+    layout = client_layout(cfg)
+    dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
+    lora_key = (settings.r, settings.alpha, settings.dropout, tuple(settings.target_modules))
+    if shipped is not None:
+        source, source_key = shipped
+        open_source: Callable[[], TensorSource] = lambda: source  # noqa: E731
+        groups = [[n] for n in range(plan.num_layers)]  # the shipped layers are the stage's
+        beta, fusion = 0.0, "differential"
+    else:
+        if layout.needs_conversion:
+            return _converted_family_model(cfg, plan, settings, lora_key)
+        open_source, source_key = _base_source(cfg, layout)
+        groups, (_, beta, fusion) = plan.group_lists(), _plan_key(plan)
+    key = ("stage", layout.path, cfg.dtype, str(device), _plan_key(plan), lora_key, source_key)
+
+    def build() -> PeftModel:
+        sub = build_stage(open_source(), layout, groups, beta, fusion, dtype, device)
+        return attach_lora(sub, settings, layout.family)
+
+    return HOLDER.get(key, build)
+
+
+def _converted_family_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSettings,
+                            lora_key: tuple) -> PeftModel:
+    """Families whose files transformers converts at load (MoE expert merges): their stage
+    is built from the full base loaded by transformers (memory does not follow the stage)."""
+    from devft.models.loading import load_base_model
+    from devft.models.submodel import build_submodel
+
+    base = load_base_model(cfg)
+    log.warning("%s: transformers converts this family's checkpoint tensors at load time; the "
+                "client builds its stage from the fully loaded base", base.path)
+    key = ("converted", id(base), _plan_key(plan), lora_key)
+    _, beta, fusion = _plan_key(plan)
+
+    def build() -> PeftModel:
+        sub = build_submodel(base.model, base.family, plan.group_lists(), beta, fusion)
+        return attach_lora(sub, settings, base.family)
+
+    return HOLDER.get(key, build)
+
+
+def set_gradient_checkpointing(model: PeftModel, enabled: bool) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant, so the
+    inputs need no gradient), or stop doing so."""
+    inner = model.base_model.model
+    if enabled and not inner.is_activation_checkpointing:
+        inner.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    elif not enabled and inner.is_activation_checkpointing:
+        inner.activation_checkpointing_disable()
