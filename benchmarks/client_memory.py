@@ -11,7 +11,9 @@ by transformers, the stage fused from it), for comparison; only the first reply 
 the server.
 
 Per child it reports: the peak; the peak above the "floor" (VmHWM of the same kind of
-process after the same imports, with no model); and the limit computed from tensors:
+process after the same imports, with no model: torch, transformers, flwr, peft, devft's client
+and the data libraries it imports, datasets and flwr-datasets; the strict floor of torch,
+transformers and flwr alone is reported too); and the limit computed from tensors:
 frozen weights + LoRA with its gradient and AdamW's two moments (4 x fp32) + the peak of the
 tensors autograd saves for backward at the batch's shape (+ the largest of them, for the
 gradient in flight), measured with saved_tensors_hooks on one extra step after the peak was
@@ -51,12 +53,22 @@ def status() -> dict[str, int]:
 
 # ---- child: one ClientApp call in this process ---------------------------------------------
 def child(spec_path: str) -> None:
+    if spec_path == "floor-strict":  # torch, transformers and flwr only
+        import flwr.clientapp  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        print(json.dumps({"floor": status()}))
+        return
     import devft.federation.client_app as client_app  # the imports every client does
 
-    after_import = status()
-    if spec_path == "floor":
-        print(json.dumps({"floor": after_import}))
+    if spec_path == "floor":  # + peft and devft, + the data libraries a client imports
+        import datasets  # noqa: F401
+        import flwr_datasets.partitioner  # noqa: F401
+
+        print(json.dumps({"floor": status()}))
         return
+    after_import = status()
     from flwr.app import Context, RecordDict
     from flwr.common.serde import context_from_proto, context_to_proto
     from flwr.proto.message_pb2 import Context as ProtoContext
@@ -175,17 +187,21 @@ def _run_child(spec: dict, work: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _variants(cfg) -> list[dict[str, Any]]:
-    """The served variant first (default shape, checkpointing off), then the replays."""
-    out = []
-    for batch, seq in SHAPES:
-        for ckpt in (False, True):
-            out.append({"batch": batch, "seq": seq, "checkpointing": ckpt, "legacy": False})
-        out.append({"batch": batch, "seq": seq, "checkpointing": False, "legacy": True})
+def _variants(legacy: bool) -> list[dict[str, Any]]:
+    """The served variant first (default shape, checkpointing off), then the replays:
+    checkpointing at the default shape (where activations dominate), the small shape, and the
+    legacy client at both shapes when `legacy`."""
+    (big, seq), (small, small_seq) = SHAPES
+    out = [{"batch": big, "seq": seq, "checkpointing": False, "legacy": False},
+           {"batch": big, "seq": seq, "checkpointing": True, "legacy": False},
+           {"batch": small, "seq": small_seq, "checkpointing": False, "legacy": False}]
+    if legacy:
+        out += [{"batch": b, "seq": t, "checkpointing": False, "legacy": True}
+                for b, t in SHAPES]
     return out
 
 
-def make_grid(cfg, results: list[dict], label: str):
+def make_grid(cfg, results: list[dict], label: str, legacy: bool):
     """An InProcessGrid whose ClientApp call is a set of fresh client processes."""
     from flwr.app import Context
     from flwr.common.serde import context_from_proto, context_to_proto
@@ -199,7 +215,7 @@ def make_grid(cfg, results: list[dict], label: str):
     def call(msg, context: Context):
         plan_layers = len(msg.content["config"]["group-sizes"])
         reply = None
-        for variant in _variants(cfg):
+        for variant in _variants(legacy):
             with tempfile.TemporaryDirectory() as tmp:
                 work = Path(tmp)
                 objs = {k: v.deflate().hex() for k, v in get_all_nested_objects(msg).items()}
@@ -247,7 +263,7 @@ def _write_data(path: Path) -> Path:
     return path
 
 
-def run_model(model: str, out: Path, data: Path, threads: int) -> list[dict]:
+def run_model(model: str, out: Path, data: Path, threads: int, legacy: bool) -> list[dict]:
     from devft.config import load_config
     from devft.federation.server_app import run_server
     from devft.models.client_stage import client_layout
@@ -265,7 +281,7 @@ def run_model(model: str, out: Path, data: Path, threads: int) -> list[dict]:
         depth = depth or client_layout(cfg.model).depth
         rounds = 1 if method == "fedit" else 4
         cfg = cfg.replace(**{"federation.rounds": rounds, "devft.rounds_per_stage": [1]})
-        run_server(make_grid(cfg, results, method), cfg)
+        run_server(make_grid(cfg, results, method, legacy), cfg)
     return results
 
 
@@ -285,7 +301,7 @@ def summarize(results: list[dict], floor: int) -> list[dict]:
         ref = next((x for x in rows if x["method"] == "fedit" and x["batch"] == row["batch"]
                     and x["checkpointing"] == row["checkpointing"]
                     and x["legacy"] == row["legacy"]), None)
-        row["ratio_to_fedit"] = row["above_floor_bytes"] / ref["above_floor_bytes"]
+        row["ratio_to_fedit"] = row["above_floor_bytes"] / ref["above_floor_bytes"] if ref else None
         row["vs_limit"] = (row["above_floor_bytes"] / row["limit"]["total"]
                            if row["limit"] else None)
         off = next(x for x in rows if x["method"] == row["method"]
@@ -300,6 +316,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/client-memory")
     parser.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--legacy-models", default="smollm2-135m-instruct",
+                        help="models also measured with the legacy (full-base) client")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -308,19 +326,22 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = _write_data(out / "long-records.jsonl")
-    floors = [_run_child_floor() for _ in range(3)]
+    floors = [_run_child_floor("floor") for _ in range(3)]
+    strict = [_run_child_floor("floor-strict") for _ in range(3)]
     floor = min(floors)
     report: dict[str, Any] = {"floor_bytes": floor, "floor_runs_bytes": floors,
+                              "floor_strict_bytes": min(strict), "floor_strict_runs": strict,
                               "shapes": SHAPES, "models": {}}
     for model in args.models.split(","):
-        results = run_model(model, out, data, args.threads)
+        results = run_model(model, out, data, args.threads,
+                            model in args.legacy_models.split(","))
         report["models"][model] = summarize(results, floor)
         (out / "client_memory.json").write_text(json.dumps(report, indent=2))
     _plot(report, out / "client_memory.png")
 
 
-def _run_child_floor() -> int:
-    proc = subprocess.run([sys.executable, __file__, "--child", "floor"], capture_output=True,
+def _run_child_floor(kind: str) -> int:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True,
                           text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["floor"]["VmHWM"]
 
@@ -342,8 +363,10 @@ def _plot(report: dict, path: Path) -> None:
             x = range(len(labels))
 
             def pick(method, layers, ckpt, legacy, key, rows=rows):
-                r = next(r for r in rows if (r["method"], r["layers"]) == (method, layers)
-                         and r["checkpointing"] == ckpt and r["legacy"] == legacy)
+                r = next((r for r in rows if (r["method"], r["layers"]) == (method, layers)
+                          and r["checkpointing"] == ckpt and r["legacy"] == legacy), None)
+                if r is None:
+                    return 0.0  # not measured at this shape
                 return (r[key] if key != "limit" else r["limit"]["total"]) / MIB
 
             for k, (name, ckpt, legacy, key) in enumerate((

@@ -1,12 +1,14 @@
 """Client cost of each DevFT stage, as a ratio to the full model, next to the L_s/L limit.
 
-For every stage size L_s (and the full model) this builds the stage submodel as a client that
-holds *only* the submodel would (its own copy of the fused layers, embeddings and head),
-attaches LoRA, and measures on the same batches:
+For every stage size L_s (and the full model) this builds the stage exactly as devft's client
+does (`devft.models.client_stage.client_stage_model`: the stage's layers read memory-mapped
+from the base's safetensors files and fused tensor by tensor, plus embeddings, final norm and
+head, LoRA attached; one stage held at a time), and measures on the same batches:
 - training FLOPs per token with torch's FlopCounterMode (and the estimate devft logs),
   split into the decoder layers and the fixed embedding/LM-head part;
-- peak memory of the training step beyond what was allocated before the submodel existed
-  (CUDA allocator peak on GPU; sampled RSS on CPU);
+- peak memory of building the stage and its training steps beyond what was allocated before
+  (CUDA allocator peak on GPU; sampled RSS on CPU, which `client_memory.py` measures properly,
+  one process per stage);
 - time per step (median after a warm-up step);
 - LoRA bytes a client sends per round (float32 on the wire).
 The expected ratio is (L_s/L)·layers + fixed, over layers + fixed, with "layers" and "fixed"
@@ -19,11 +21,11 @@ the full model's measured shares. Writes cost_per_stage.json and cost_per_stage.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,9 +35,10 @@ from devft.config import DataConfig, LoraSettings, ModelConfig
 from devft.core.grouping import contiguous_groups
 from devft.core.schedule import doubling_stages
 from devft.data import collate, encode, federated_data
-from devft.models.loading import load_base_model
-from devft.models.lora import attach_lora, seeded_lora_init, set_lora_state
-from devft.models.submodel import build_submodel
+from devft.models.client_stage import HOLDER, client_layout, client_stage_model, client_tokenizer
+from devft.models.loading import resolve_device
+from devft.models.lora import seeded_lora_init, set_lora_state
+from devft.models.submodel import StagePlan
 from devft.training.accounting import (
     PeakMemory,
     attention_flops,
@@ -46,7 +49,25 @@ from devft.training.accounting import (
 from devft.training.loss import response_loss
 
 
-def batches(base, n: int, batch: int, seq: int, data: str) -> list[dict[str, torch.Tensor]]:
+@dataclass
+class Client:
+    """What a stage client knows without loading the base: config, tokenizer, depth."""
+
+    cfg: ModelConfig
+    tokenizer: object
+    family: object
+    num_layers: int
+    device: torch.device
+
+
+def client_of(cfg: ModelConfig) -> Client:
+    layout = client_layout(cfg)
+    return Client(cfg, client_tokenizer(cfg), layout.family, layout.depth,
+                  resolve_device(cfg.device))
+
+
+def batches(base: Client, n: int, batch: int, seq: int,
+            data: str) -> list[dict[str, torch.Tensor]]:
     """`n` batches from the held-out rows of `data`, or fixed synthetic ones (`synthetic`)."""
     if data == "synthetic":
         gen = torch.Generator().manual_seed(0)
@@ -65,20 +86,20 @@ def batches(base, n: int, batch: int, seq: int, data: str) -> list[dict[str, tor
     return [collate(enc[i:i + batch], tok.pad_token_id) for i in range(0, len(enc), batch)]
 
 
-def standalone_submodel(base, k: int):
-    """The k-layer submodel with its own tensors (a client holding only the submodel)."""
-    groups = contiguous_groups(base.num_layers, k)
-    shared = build_submodel(base.model, base.family, groups, beta=0.1)
-    return copy.deepcopy(shared)  # materializes the shared embedding/head/layer tensors
+def client_stage(base: Client, k: int, lora: LoraSettings):
+    """The k-layer stage (contiguous groups, β = 0.1) as devft's client builds and holds it."""
+    groups = tuple(tuple(g) for g in contiguous_groups(base.num_layers, k))
+    return client_stage_model(base.cfg, StagePlan(0, groups, 0.1), lora)
 
 
-def measure(base, k: int, data: list[dict], steps: int, lora: LoraSettings,
+def measure(base: Client, k: int, data: list[dict], steps: int, lora: LoraSettings,
             device: torch.device) -> dict:
+    HOLDER.release()  # the previous stage, as a client does on a stage change
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     with PeakMemory(device) as mem:
-        model = attach_lora(standalone_submodel(base, k), lora, base.family)
+        model = client_stage(base, k, lora)
         set_lora_state(model, seeded_lora_init(model, 0))
         inner = model.base_model.model
         layers, head = base.family.layers(inner), inner.get_output_embeddings()
@@ -158,7 +179,7 @@ def main() -> None:
             save_random_model(LlamaConfig(vocab_size=32000, bos_token_id=256, eos_token_id=257,
                                           pad_token_id=257), Path(model_path),
                               dtype=torch.bfloat16, device=args.device)
-    base = load_base_model(ModelConfig(path=model_path, dtype=dtype, device=args.device))
+    base = client_of(ModelConfig(path=model_path, dtype=dtype, device=args.device))
     device = base.device
     data = batches(base, args.steps + 1, args.batch, args.seq, args.data)
     lora = LoraSettings(r=args.rank, alpha=2.0 * args.rank)

@@ -58,7 +58,8 @@ from devft.training.loss import response_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 # part of a client round -> the name `client_train` looks up in devft.federation.client_app
-PARTS = {"deserialize": "from_array_record", "plan+env": "_env", "stage_model": "stage_model",
+PARTS = {"deserialize": "from_array_record", "plan+env": "_env",
+         "stage_model": "client_stage_model",
          "load_lora": "set_lora_state", "get_lora": "get_lora_state", "data": "federated_data",
          "encode": "encode", "collate": "collate", "train_local": "train_local",
          "serialize": "to_array_record"}

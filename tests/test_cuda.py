@@ -67,3 +67,23 @@ def test_whole_runs_on_cuda(tiny_model_dir, tiny_data_file, tmp_path, method):
     assert summary["rounds"] == 4 and all(r["clients_ok"] == 2 for r in records[1:])
     assert all(torch.isfinite(torch.tensor(r["eval_loss"])) for r in records)
     assert (tmp_path / method / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_client_stage_from_mapped_files_lands_on_cuda_and_matches_the_cpu_one(tmp_path, dtype):
+    from tiny import save_tiny_model
+
+    from devft.models.client_stage import HOLDER, client_stage_model
+
+    path = save_tiny_model(tmp_path / "model", "llama", num_layers=4)  # never loaded: files
+    plan = StagePlan(0, ((0, 1), (2, 3)), 0.1)
+    settings = LoraSettings(r=4, alpha=8)
+    cpu = {k: v.clone() for k, v in client_stage_model(
+        ModelConfig(path=str(path), device="cpu", dtype=dtype), plan, settings)
+        .base_model.model.state_dict().items() if "lora_" not in k}
+    gpu = client_stage_model(ModelConfig(path=str(path), device="cuda", dtype=dtype), plan,
+                             settings)
+    state = {k: v for k, v in gpu.base_model.model.state_dict().items() if "lora_" not in k}
+    assert all(p.device.type == "cuda" for p in gpu.parameters())
+    assert all(torch.equal(state[k].cpu(), v) for k, v in cpu.items())
+    HOLDER.release()

@@ -154,3 +154,22 @@ def test_checkpoints_never_hold_the_shipped_layers(shipped_runs):
     cfg = shipped_runs[True][0]
     groups = load_checkpoint(Path(cfg.output.dir)).tensors
     assert "global-lora" in groups and not any(STORE in k for k in groups)
+
+
+def test_comparison_table_shows_the_dense_bytes_only_when_shipped(shipped_runs):
+    from rich.console import Console
+
+    from devft.comparison import comparison_table
+
+    def table(summary):
+        entry = {"summary": summary, "vs_fedit": {"final_eval_loss_delta": 0.0,
+                                                  "time_to_target_speedup": 1.0,
+                                                  "bytes_to_target_reduction": 1.0}}
+        console = Console(width=250, record=True)
+        console.print(comparison_table({"target_eval_loss": 1.0, "methods": {"devft": entry}}))
+        return console.export_text()
+
+    on, off = shipped_runs[True][1], shipped_runs[False][1]
+    assert "of which dense" in table(on)
+    assert f"{on['total_dense_bytes_down'] / 1e6:.1f}" in table(on)
+    assert "of which dense" not in table(off)

@@ -49,7 +49,29 @@ def _assert_same_metrics(out, ref):
 # state restored; devft-adaptive: stage lengths decided from the restored records
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_model_dir, tiny_data_file,
                                                           tmp_path, method):
-    args = _args(tiny_model_dir, tiny_data_file, method)
+    _kill_resume_and_compare(_args(tiny_model_dir, tiny_data_file, method), tmp_path)
+
+
+OPEN_ENDED = {  # issue 13: the last stage's length is decided from the restored records
+    "fedit": ["stop.rule=plateau", "stop.min_rounds=2", "stop.max_rounds=6", "stop.window=2",
+              "stop.rel_improvement=0.001"],
+    "devft": ["stop.rule=target", "devft.rounds_per_stage=2", "stop.min_rounds=1",
+              "stop.max_rounds=6", "stop.target_loss=0.001"],
+}
+
+
+@pytest.mark.parametrize("method", list(OPEN_ENDED))
+def test_open_ended_runs_resume_after_kill_9_and_stop_alike(tiny_model_dir, tiny_data_file,
+                                                            tmp_path, method):
+    extra = [a for s in OPEN_ENDED[method] for a in ("--set", s)]
+    ref, killed = _kill_resume_and_compare(
+        [*_args(tiny_model_dir, tiny_data_file, method), *extra], tmp_path)
+    want = json.loads((ref / "summary.json").read_text())["stop"]
+    assert json.loads((killed / "summary.json").read_text())["stop"] == want
+    assert want["reason"] in ("plateau", "max_rounds") and want["round"] >= 4
+
+
+def _kill_resume_and_compare(args, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_devft("run", *args, "--out", str(ref)), check=True, capture_output=True)
     proc = subprocess.Popen(_devft("run", *args, "--out", str(killed)),
@@ -72,6 +94,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_model_dir, tiny_d
     a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-identical
+    return ref, killed
 
 
 def test_resume_errors_are_clear(capsys, tmp_path, tiny_model_dir, tiny_data_file):

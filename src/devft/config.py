@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from devft.core.stopping import StopConfig
 from devft.errors import ConfigError
 from devft.methods import METHOD_NAMES, get_method
 
@@ -117,6 +118,10 @@ class FederationConfig:
     """Seconds the server waits for a round's replies; a later reply counts as a failure."""
     max_update_norm: float = 1000.0
     """Replies whose tensors' total L2 norm exceeds this are rejected as implausible."""
+    max_client_share: float = 1.0
+    """FedAvg: most share of the average one client's weight (its partition size) may take;
+    larger shares are clipped and the excess spread over the others (1 = no clip; a claim
+    above the largest known partition is rejected either way)."""
     runtime: Literal["inprocess", "simulation"] = "inprocess"
     """inprocess: Flower Grid that calls the ClientApp directly (fast default);
     simulation: Flower's Ray simulation runtime."""
@@ -151,6 +156,8 @@ class FederationConfig:
         _check(self.timeout_s > 0, "federation.timeout_s", self.timeout_s, "a positive number")
         _check(self.max_update_norm > 0, "federation.max_update_norm", self.max_update_norm,
                "a positive number")
+        _check(0 < self.max_client_share <= 1, "federation.max_client_share",
+               self.max_client_share, "a number in (0, 1]")
 
 
 def _gpu_count_ok(text: str) -> bool:
@@ -351,6 +358,7 @@ class RunConfig:
     offsite: OffsiteConfig = field(default_factory=OffsiteConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:

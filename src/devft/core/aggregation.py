@@ -16,6 +16,28 @@ def normalized_weights(weights: list[float]) -> list[float]:
     return [float(w) / total for w in weights]
 
 
+def bounded_shares(weights: list[float], max_share: float) -> list[float]:
+    """Normalized weights with no share above `max_share`: each share over the bound is
+    clipped to it and the excess spread over the others in proportion to their weights
+    (repeated until none exceeds it). Uniform when k clients cannot respect the bound
+    (k · max_share <= 1)."""
+    p = normalized_weights(weights)
+    k = len(p)
+    if k * max_share <= 1:
+        return [1.0 / k] * k
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(k) if i not in capped]
+        rest = 1.0 - max_share * len(capped)
+        mass = sum(p[i] for i in free)
+        shares = [max_share if i in capped else
+                  (p[i] / mass * rest if mass > 0 else rest / len(free)) for i in range(k)]
+        over = {i for i in free if shares[i] > max_share + 1e-12}
+        if not over:
+            return shares
+        capped |= over
+
+
 def weighted_mean(states: list[StateDict], weights: list[float]) -> StateDict:
     """Σ_k p_k · state_k per key with p_k = w_k / Σ w (FedAvg; computed in float32, or in
     float64 for float64 tensors)."""

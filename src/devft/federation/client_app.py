@@ -101,8 +101,10 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                            desc=f"client {env.partition} stage {plan.stage}")
 
     result = rule.local_update(model, batches, env, default_update)
-    metrics = MetricRecord({
-        "num-examples": result.examples, "train-loss": result.mean_loss, "steps": result.steps,
+    metrics = MetricRecord({  # num-examples: FedAvg's weight n_k, the partition's size
+        "num-examples": len(data.partitions[env.partition]),
+        "examples-processed": result.examples, "train-loss": result.mean_loss,
+        "steps": result.steps,
         "tokens": result.tokens, "flops": result.flops_est, "train-time-s": result.train_time_s,
         "peak-mem-bytes": result.peak_mem_bytes, "mem-delta-bytes": result.mem_delta_bytes,
     })

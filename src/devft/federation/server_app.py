@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from devft.config import RunConfig, from_run_config
+from devft.core.stopping import stop_summary
 from devft.errors import DevFTError
 from devft.federation.checkpoint import (
     Checkpoint,
@@ -59,7 +60,8 @@ class ServerRun:
         self.model = GlobalModel(cfg, self.rule)
         self.schedule = self.model.schedule()
         personal = self._personal_tensors if self.rule.personalized else None
-        self.strategy = StagedStrategy(cfg, self.rule, self._aggregated, personal)
+        self.strategy = StagedStrategy(cfg, self.rule, self._aggregated, personal,
+                                       [len(p) for p in self.model.data.partitions])
         self.recorder = RunRecorder(self.out, cfg.method, sum(s.rounds for s in self.schedule),
                                     cfg.output.progress, fresh=not cfg.output.resume)
         self.pacer = StagePacer(cfg, self.model.method, self.schedule)
@@ -102,6 +104,8 @@ class ServerRun:
             "personalized_eval": self.rule.personalized,
             "total_dense_bytes_down": sum(r.get("dense_bytes_down") or 0
                                           for r in self.recorder.records),
+            "stop": stop_summary(self.cfg.stop, self.pacer.stop_reason,
+                                 self.recorder.records[-1]["round"]),
         })
         plot_run(self.recorder.records, self.out / "loss.png")
         return summary

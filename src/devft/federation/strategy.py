@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from devft.config import RunConfig
+from devft.core.aggregation import bounded_shares
 from devft.core.layerstate import StateDict
 from devft.core.validation import check_update
 from devft.errors import RunStalledError
@@ -35,10 +36,16 @@ class StagedStrategy(FedAvg):
     Args:
         on_aggregated: called after each aggregation (the server transfers into the full model).
         personal_eval: for personalized rules, the full-model tensors every client evaluates.
+        partition_sizes: the clients' training rows where the server knows them: a reply
+            claiming more examples than the largest is rejected.
+
+    FedAvg weight of a reply: its `num-examples` (the client's partition size), as shares
+    bounded by federation.max_client_share (`devft.core.aggregation.bounded_shares`).
     """
 
     def __init__(self, cfg: RunConfig, rule: Rule, on_aggregated: Callable[[], None],
-                 personal_eval: Callable[[], StateDict] | None = None) -> None:
+                 personal_eval: Callable[[], StateDict] | None = None,
+                 partition_sizes: list[int] | None = None) -> None:
         n = cfg.federation.num_clients
         per_round = cfg.federation.clients_per_round or n
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if personal_eval else 0.0,
@@ -54,6 +61,7 @@ class StagedStrategy(FedAvg):
         self.shipper = LayerShipper(cfg, rule) if cfg.model.ship_layers else None
         self.skipped = 0
         """Consecutive rounds without federation.min_replies valid replies."""
+        self.max_examples = max(partition_sizes) if partition_sizes else None
 
     def begin_stage(self, plan: StagePlan, round_offset: int, stage_done: int = 0) -> None:
         """Rounds of this `start` continue the global count after `round_offset`, and the
@@ -141,9 +149,12 @@ class StagedStrategy(FedAvg):
         uploads = [from_array_record(m.content["arrays"]) for m in valid]
         metrics = [m.content["metrics"] for m in valid]
         nodes = [self.slots[m.metadata.src_node_id] for m in valid]
-        self.rule.aggregate(uploads, nodes, [float(m["num-examples"]) for m in metrics])
+        shares = bounded_shares([float(m["num-examples"]) for m in metrics],
+                                self.cfg.federation.max_client_share)
+        self.rule.aggregate(uploads, nodes, shares)
         self.on_aggregated()
         self.last_train.update(_client_summary(metrics))
+        self.last_train["client_shares"] = [round(p, 6) for p in shares]
         return to_array_record(self.rule.eval_lora()), MetricRecord(
             {k: v for k, v in self.last_train.items() if isinstance(v, (int, float))})
 
@@ -175,6 +186,9 @@ class StagedStrategy(FedAvg):
                 return f"metric {key!r} is missing or not a finite number"
         if metrics["num-examples"] <= 0:
             return "num-examples must be positive"
+        if self.max_examples is not None and metrics["num-examples"] > self.max_examples:
+            return (f"num-examples={metrics['num-examples']} exceeds the largest client "
+                    f"partition ({self.max_examples} training rows)")
         try:
             update = from_array_record(arrays)
         except Exception as err:  # a malformed array must not stop the round
@@ -231,11 +245,13 @@ def one_line(reason: str, limit: int = 200) -> str:
 
 
 def _client_summary(metrics: list[MetricRecord]) -> dict[str, float]:
-    """Round-level view of the clients' reply metrics."""
-    total = sum(float(m["num-examples"]) for m in metrics)
+    """Round-level view of the clients' reply metrics (train loss: the mean over the
+    examples processed this round, `examples-processed`; older clients: `num-examples`)."""
+    done = [float(m.get("examples-processed", m["num-examples"])) for m in metrics]
     return {
-        "train_loss": sum(float(m["train-loss"]) * float(m["num-examples"]) for m in metrics)
-        / total,
+        "train_loss": sum(float(m["train-loss"]) * n for m, n in zip(metrics, done))
+        / sum(done),
+        "examples_processed": sum(done),
         "client_flops": sum(int(m["flops"]) for m in metrics),
         "client_peak_mem_bytes": max(int(m["peak-mem-bytes"]) for m in metrics),
         "client_mem_delta_bytes": max(int(m["mem-delta-bytes"]) for m in metrics),

@@ -4,7 +4,8 @@ Built from the frozen base model without copying its tensors: module objects are
 embeddings, final norm, LM head and every one-layer group's weights are the base's own
 (frozen) tensors; only multi-layer groups get new, fused weights. The config's layer count,
 per-layer config lists and each layer's cache index are updated, so forward, loss and
-`generate` work as on any HF model.
+`generate` work as on any HF model. This is the server's submodel (it holds the base anyway);
+clients build theirs with `devft.models.client_stage`, which never loads the whole base.
 """
 
 from __future__ import annotations

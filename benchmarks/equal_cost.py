@@ -1,0 +1,230 @@
+"""Equal-cost study (issue 13): does staged training pay off over a long horizon?
+
+Per model and seed, into OUT/<model>/seed-<s>/<method>/ (each run reused when finished and
+resumed when interrupted, `devft.comparison.run_or_reuse`):
+1. FedIT until its held-out loss plateaus (stop.rule=plateau: < 1 % relative improvement
+   over 4 rounds, at least 24 and at most 64 rounds). Its final loss is *the target*.
+2. Every staged method: its early stages as configured (devft.rounds_per_stage), then its
+   last stage until the target or 1.5 × FedIT's total client FLOPs (stop.rule=target).
+Every method shares STUDY's per-round budget: 4 clients, all of them every round, 2 local
+steps of batch 4 each, and a constant learning rate (AdamW at train.lr, fresh each round;
+no schedule). Writes OUT/equal_cost.json (per seed: cost to 50/90/100 % of FedIT's
+improvement as ratios to FedIT's, per-stage breakdown, the early-stage comparison against
+`devft-notransfer`; per model: mean and spread over seeds) and three plots of held-out loss
+against cumulative client FLOPs, bytes (up + down) and wall time (OUT/equal_cost_<axis>.png).
+
+    python benchmarks/equal_cost.py --models smollm2-135m-instruct --seeds 0 \\
+        --methods devft,progfed --out runs/bench/equal-cost          # one piece of the study
+    python benchmarks/equal_cost.py --smoke --models TINY_DIR --set data.name=FILE --out /tmp/e
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from common import int_list, run_script  # noqa: E402
+from equal_cost_report import (  # noqa: E402
+    AXES,
+    cost_ratios,
+    early_stages,
+    stage_breakdown,
+    summarize,
+    target_losses,
+)
+
+from devft.cli import setup_logging  # noqa: E402
+from devft.comparison import run_or_reuse  # noqa: E402
+from devft.config import RunConfig, load_config  # noqa: E402
+from devft.errors import ConfigError  # noqa: E402
+from devft.methods import METHODS  # noqa: E402
+from devft.reporting.recorder import read_metrics  # noqa: E402
+
+STAGED = ("devft", "progfed", "layerdrop", "devft-boundary", "devft-adaptive",
+          "devft-calibrated", "offsite", "devft+offsite", "devft-notransfer")
+CONTROL = "devft-notransfer"
+"""The run whose last stage starts from a fresh LoRA (no transfer from the early stages)."""
+STUDY = ["federation.num_clients=4", "federation.clients_per_round=0", "train.local_steps=2",
+         "train.batch_size=4", "train.lr=5e-4", "devft.rounds_per_stage=4",
+         "federation.rounds=16", "adaptive.max_rounds=6", "data.eval_examples=64",
+         "output.progress=false"]
+"""Per-round budget and schedule shared by every method (before --set)."""
+SMOKE = ["federation.num_clients=4", "train.local_steps=2", "train.batch_size=2",
+         "train.lr=0.01", "devft.rounds_per_stage=1", "federation.rounds=4",
+         "adaptive.max_rounds=1", "data.eval_examples=6", "data.max_seq_len=64",
+         "stop.min_rounds=2", "stop.max_rounds=4", "stop.window=1", "output.progress=false"]
+"""--smoke: a tiny budget for a test on a tiny model (replaces STUDY)."""
+FLOPS_FACTOR = 1.5
+AXIS_LABELS = {"flops": ("cumulative client FLOPs", 1.0),
+               "bytes": ("cumulative MB (up + down)", 1e-6), "time": ("wall time (s)", 1.0)}
+
+
+def method_list(text: str) -> list[str]:
+    """--methods: staged method names (FedIT always runs first, as the reference)."""
+    names = [m.strip() for m in text.split(",") if m.strip() and m.strip() != "fedit"]
+    bad = [m for m in names if m not in METHODS or not METHODS[m].staged]
+    if not names or bad:
+        raise ConfigError("--methods", text, f"comma-separated staged methods, e.g. "
+                          f"{','.join(STAGED)}")
+    return names
+
+
+def fedit_config(base: RunConfig, run_dir: Path) -> RunConfig:
+    return base.replace(**{"method": "fedit", "output.dir": str(run_dir / "fedit"),
+                           "stop.rule": "plateau"})
+
+
+def staged_config(base: RunConfig, run_dir: Path, method: str, target: float,
+                  budget: float, max_rounds: int) -> RunConfig:
+    return base.replace(**{"method": method, "output.dir": str(run_dir / method),
+                           "stop.rule": "target", "stop.target_loss": target,
+                           "stop.flops_budget": budget, "stop.min_rounds": 1,
+                           "stop.max_rounds": max_rounds})
+
+
+def run_seed(base: RunConfig, run_dir: Path, methods: list[str],
+             max_rounds: int) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """FedIT to plateau, then every staged method to the target or the FLOPs budget."""
+    fedit_summary = run_or_reuse(fedit_config(base, run_dir))
+    runs = {"fedit": read_metrics(run_dir / "fedit")}
+    summaries = {"fedit": fedit_summary}
+    target = float(fedit_summary["final_eval_loss"])
+    budget = FLOPS_FACTOR * float(fedit_summary["total_client_flops"])
+    for m in methods:
+        summaries[m] = run_or_reuse(staged_config(base, run_dir, m, target, budget, max_rounds))
+        runs[m] = read_metrics(run_dir / m)
+    fedit, control = runs["fedit"], runs.get(CONTROL)
+    entry: dict[str, Any] = {"target_eval_loss": target, "flops_budget": budget,
+                             "targets": target_losses(fedit), "methods": {}}
+    for m, records in runs.items():
+        s = summaries[m]
+        e = {k: s[k] for k in ("rounds", "initial_eval_loss", "final_eval_loss",
+                               "total_client_flops", "total_bytes", "wall_time_s")}
+        e["stop"] = s.get("stop", {"reason": "unknown"})
+        e["ratios"] = cost_ratios(records, fedit)
+        e["stages"] = stage_breakdown(records)
+        if m != "fedit":
+            e["early"] = early_stages(records, fedit, control if m != CONTROL else None)
+        entry["methods"][m] = e
+    return entry, runs
+
+
+def mc_for(run_dir: Path, cfg: RunConfig, methods: list[str], limit: int) -> dict[str, Any]:
+    """MC accuracy of the final adapters (benchmarks/convergence.py's harness), cached."""
+    from convergence import mc_accuracy
+
+    out = {}
+    for m in methods:
+        path = run_dir / m / "mc_eval.json"
+        if not path.is_file():
+            path.write_text(json.dumps(mc_accuracy(run_dir / m, cfg, limit), indent=2))
+        out[m] = json.loads(path.read_text())
+    return out
+
+
+def plot(curves: dict[str, dict[str, list[list[dict[str, Any]]]]], targets: dict[str, Any],
+         out: Path) -> list[Path]:
+    """Per x axis one PNG, one panel per model: mean loss over seeds on the mean x (up to the
+    shortest seed's run), min–max band, FedIT's targets as dashed lines."""
+    paths = []
+    for axis, key in AXES.items():
+        label, scale = AXIS_LABELS[axis]
+        fig, axes = plt.subplots(1, len(curves), figsize=(7 * len(curves), 4.5), squeeze=False)
+        for ax, (model, methods) in zip(axes[0], curves.items()):
+            for method, seeds in methods.items():
+                n = min(len(r) for r in seeds)
+                xs = np.mean([[r[i][key] for i in range(n)] for r in seeds], axis=0) * scale
+                ys = np.array([[np.nan if r[i]["eval_loss"] is None else r[i]["eval_loss"]
+                                for i in range(n)] for r in seeds])
+                line, = ax.plot(xs, ys.mean(axis=0), label=method, lw=1.2)
+                ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(),
+                                alpha=0.12)
+            for name, value in targets.get(model, {}).items():
+                ax.axhline(value, ls="--", lw=0.7, color="grey")
+                ax.annotate(name, (ax.get_xlim()[1], value), fontsize=7, ha="right",
+                            va="bottom", color="grey")
+            ax.set(xlabel=label, ylabel="held-out loss (full model)", title=model)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"equal_cost_{axis}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--models", default="smollm2-135m-instruct",
+                    help="comma-separated bundled names or model directories")
+    ap.add_argument("--seeds", type=int_list, default="0,1,2")
+    ap.add_argument("--methods", default=",".join(STAGED))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--max-rounds", type=int, default=256,
+                    help="staged runs: a cap on rounds besides the target and FLOPs budget")
+    ap.add_argument("--mc-limit", type=int, default=0,
+                    help="items per MC task for --mc-methods' final adapters (study: 300)")
+    ap.add_argument("--mc-methods", default="fedit,devft")
+    ap.add_argument("--smoke", action="store_true", help="tiny budget (tests, tiny models)")
+    ap.add_argument("--out", default="runs/bench/equal-cost")
+    args = ap.parse_args(argv)
+    setup_logging(verbose=False)
+    methods, out = method_list(args.methods), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    preset = SMOKE if args.smoke else STUDY
+    results: dict[str, Any] = {"settings": preset + args.set, "flops_factor": FLOPS_FACTOR,
+                               "methods": ["fedit", *methods], "models": {}}
+    curves: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
+    targets: dict[str, Any] = {}
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        name = Path(model).name
+        per_seed, curves[name] = [], {m: [] for m in ["fedit", *methods]}
+        for seed in args.seeds:
+            base = load_config(args.config, [*preset, *args.set, f"seed={seed}",
+                                             f"model.path={model}"])
+            run_dir = out / name / f"seed-{seed}"
+            entry, runs = run_seed(base, run_dir, methods, args.max_rounds)
+            if args.mc_limit:
+                mc = [m for m in args.mc_methods.split(",") if m in runs]
+                entry["mc"] = mc_for(run_dir, base, mc, args.mc_limit)
+            entry["seed"] = seed
+            per_seed.append(entry)
+            for m, records in runs.items():
+                curves[name][m].append(records)
+        targets[name] = {k: float(np.mean([s["targets"][k] for s in per_seed]))
+                         for k in per_seed[0]["targets"]}
+        results["models"][name] = {
+            "per_seed": per_seed,
+            "summary": {m: summarize(per_seed, m) for m in ["fedit", *methods]}}
+        (out / "equal_cost.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["plots"] = [str(p) for p in plot(curves, targets, out)]
+    (out / "equal_cost.json").write_text(json.dumps(results, indent=2) + "\n")
+    _print(results)
+    return results
+
+
+def _print(results: dict[str, Any]) -> None:
+    for model, r in results["models"].items():
+        for m, s in r["summary"].items():
+            hit = s["ratios"].get("100%", {}).get("flops_ratio", {})
+            mean = hit.get("mean")
+            print(f"{model:24s} {m:18s} final loss {s['final_eval_loss']['mean']:.4f} "
+                  f"± {s['final_eval_loss']['std']:.4f}; FLOPs to FedIT's plateau: "
+                  + (f"{mean:.2f}x" if mean is not None else "not reached")
+                  + f" ({hit.get('reached', 0)}/{hit.get('of', 0)} seeds); stop "
+                  f"{','.join(s['stop_reasons'])}")
+    where = Path(results["plots"][0]).parent
+    print(f"equal_cost.json and equal_cost_{{flops,bytes,time}}.png in {where}")
+
+
+if __name__ == "__main__":
+    run_script(main)

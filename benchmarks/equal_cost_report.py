@@ -1,0 +1,139 @@
+"""The equal-cost study's figures of merit, from runs' round records (no I/O, no torch).
+
+Records are a run's metrics.jsonl rows: `round`, `stage`, `eval_loss` (full model, held out),
+`cum_client_flops`, `cum_bytes` (up + down), `wall_time_s`, `client_flops`, `bytes_up`,
+`bytes_down`. Record 0 is the model before training.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+Records = list[dict[str, Any]]
+FRACTIONS = (0.5, 0.9, 1.0)
+"""Targets: these shares of FedIT's improvement (initial loss − plateau loss)."""
+AXES = {"flops": "cum_client_flops", "bytes": "cum_bytes", "time": "wall_time_s"}
+LAST_STAGE_ROUNDS = (1, 2, 4, 8)
+"""Rounds into the last stage at which the early-stage comparison reads the loss."""
+
+
+def loss(r: dict[str, Any]) -> float:
+    value = r.get("eval_loss")
+    return math.nan if value is None else float(value)
+
+
+def target_losses(fedit: Records) -> dict[str, float]:
+    """{"50%": loss, ...}: FedIT's initial loss minus each fraction of its improvement."""
+    start, end = loss(fedit[0]), loss(fedit[-1])
+    return {f"{round(f * 100)}%": start - f * (start - end) for f in FRACTIONS}
+
+
+def first_reaching(records: Records, target: float) -> dict[str, Any] | None:
+    """The first trained round at or below `target` (None: never)."""
+    return next((r for r in records if r["round"] > 0 and loss(r) <= target), None)
+
+
+def cost_to(records: Records, target: float) -> dict[str, Any] | None:
+    """Round, FLOPs, bytes and wall time of the first round at or below `target`."""
+    hit = first_reaching(records, target)
+    if hit is None:
+        return None
+    return {"round": hit["round"], **{axis: hit.get(key, 0) for axis, key in AXES.items()}}
+
+
+def cost_ratios(records: Records, fedit: Records) -> dict[str, Any]:
+    """Per target: this run's cost to reach it, FedIT's, and their ratio per axis (< 1 =
+    cheaper than FedIT); "not reached" when this run never gets there."""
+    out = {}
+    for name, target in target_losses(fedit).items():
+        mine, base = cost_to(records, target), cost_to(fedit, target)
+        entry: dict[str, Any] = {"target_loss": target, "cost": mine, "fedit_cost": base}
+        for axis in AXES:
+            entry[f"{axis}_ratio"] = (mine[axis] / base[axis] if mine and base and base[axis]
+                                      else "not reached" if not mine else None)
+        out[name] = entry
+    return out
+
+
+def stage_breakdown(records: Records) -> list[dict[str, Any]]:
+    """Per stage: rounds, client FLOPs, bytes (up + down) and the held-out loss at its end."""
+    stages: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r["round"] == 0:
+            continue
+        s = stages.setdefault(r["stage"], {"stage": r["stage"], "rounds": 0, "flops": 0,
+                                           "bytes": 0, "loss_reached": math.nan,
+                                           "layers": r.get("layers_trained")})
+        s["rounds"] += 1
+        s["flops"] += int(r.get("client_flops") or 0)
+        s["bytes"] += int(r.get("bytes_up") or 0) + int(r.get("bytes_down") or 0)
+        s["loss_reached"] = loss(r)
+    return [stages[k] for k in sorted(stages)]
+
+
+def last_stage(records: Records) -> tuple[dict[str, Any], Records]:
+    """(the record just before the last stage's first round, the last stage's records)."""
+    last = max(r["stage"] for r in records)
+    inside = [r for r in records if r["stage"] == last and r["round"] > 0]
+    before = [r for r in records if r["round"] < inside[0]["round"]] if inside else records
+    return before[-1], inside
+
+
+def early_stages(records: Records, fedit: Records,
+                 control: Records | None) -> dict[str, Any]:
+    """Did the early stages buy anything? The full model's loss when the last stage starts;
+    FedIT's FLOPs to reach that loss against what the early stages spent; and the loss after
+    k rounds of the last stage, beside FedIT's after k rounds and the control's (a run whose
+    last stage starts from a fresh LoRA, e.g. devft-notransfer) after k of its last stage."""
+    start, inside = last_stage(records)
+    fedit_hit = cost_to(fedit, loss(start))
+    spent = int(start.get("cum_client_flops") or 0)
+    out: dict[str, Any] = {
+        "last_stage_start_round": start["round"], "last_stage_start_loss": loss(start),
+        "fresh_start_loss": loss(fedit[0]), "early_flops": spent,
+        "fedit_flops_to_same_loss": fedit_hit["flops"] if fedit_hit else None,
+        "early_flops_ratio": (spent / fedit_hit["flops"] if fedit_hit and fedit_hit["flops"]
+                              else None),
+        "after_k_last_stage_rounds": {},
+    }
+    ctrl = last_stage(control)[1] if control else []
+    for k in LAST_STAGE_ROUNDS:
+        out["after_k_last_stage_rounds"][k] = {
+            "loss": loss(inside[k - 1]) if len(inside) >= k else None,
+            "fedit": loss(fedit[k]) if len(fedit) > k else None,
+            "control": loss(ctrl[k - 1]) if len(ctrl) >= k else None,
+        }
+    return out
+
+
+def spread(values: list[Any]) -> dict[str, Any]:
+    """Mean, standard deviation, min and max over the seeds where the value is a number."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return {"mean": statistics.fmean(xs) if xs else None,
+            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0 if xs else None,
+            "min": min(xs, default=None), "max": max(xs, default=None),
+            "reached": len(xs), "of": len(values)}
+
+
+def summarize(per_seed: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """Spread over seeds of a method's cost ratios, final loss, rounds and early-stage gain."""
+    entries = [s["methods"][method] for s in per_seed if method in s["methods"]]
+    out: dict[str, Any] = {
+        "seeds": len(entries),
+        "final_eval_loss": spread([e["final_eval_loss"] for e in entries]),
+        "rounds": spread([e["rounds"] for e in entries]),
+        "total_client_flops": spread([e["total_client_flops"] for e in entries]),
+        "total_bytes": spread([e["total_bytes"] for e in entries]),
+        "stop_reasons": sorted({e["stop"]["reason"] for e in entries}),
+        "ratios": {},
+    }
+    for name in (entries[0]["ratios"] if entries else {}):
+        out["ratios"][name] = {f"{axis}_ratio": spread([e["ratios"][name][f"{axis}_ratio"]
+                                                        for e in entries]) for axis in AXES}
+    if entries and "early" in entries[0]:
+        out["last_stage_start_loss"] = spread([e["early"]["last_stage_start_loss"]
+                                               for e in entries])
+        out["early_flops_ratio"] = spread([e["early"]["early_flops_ratio"] for e in entries])
+    return out

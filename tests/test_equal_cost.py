@@ -1,0 +1,87 @@
+"""benchmarks/equal_cost.py (issue 13) end to end on the tiny model, and its report functions."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import equal_cost  # noqa: E402
+from equal_cost_report import cost_ratios, early_stages, stage_breakdown  # noqa: E402
+
+from devft.errors import ConfigError  # noqa: E402
+
+
+def _rec(round_, stage, loss, flops, bytes_=10):
+    return {"round": round_, "stage": stage, "eval_loss": loss, "client_flops": flops,
+            "bytes_up": bytes_, "bytes_down": bytes_, "cum_client_flops": flops * round_,
+            "cum_bytes": 2 * bytes_ * round_, "wall_time_s": float(round_)}
+
+
+FEDIT = [_rec(i, 0, loss, 10) for i, loss in enumerate([4.0, 3.0, 2.5, 2.0])]
+STAGED = [_rec(0, 0, 4.0, 5), _rec(1, 0, 3.9, 5), _rec(2, 0, 3.8, 5), _rec(3, 1, 2.9, 5),
+          _rec(4, 1, 2.2, 5)]
+
+
+def test_cost_ratios_at_each_share_of_fedits_improvement():
+    ratios = cost_ratios(STAGED, FEDIT)
+    assert ratios["50%"]["target_loss"] == 3.0
+    assert ratios["50%"]["cost"]["round"] == 3 and ratios["50%"]["flops_ratio"] == 15 / 10
+    assert ratios["90%"]["target_loss"] == pytest.approx(2.2)
+    assert ratios["90%"]["time_ratio"] == 4 / 3
+    assert ratios["100%"]["flops_ratio"] == "not reached"
+
+
+def test_stage_breakdown_and_early_stage_comparison():
+    stages = stage_breakdown(STAGED)
+    assert [(s["rounds"], s["flops"], s["bytes"], s["loss_reached"]) for s in stages] == \
+        [(2, 10, 40, 3.8), (2, 10, 40, 2.2)]
+    control = [_rec(0, 0, 4.0, 5), _rec(1, 0, 4.0, 5), _rec(2, 1, 3.5, 5)]
+    early = early_stages(STAGED, FEDIT, control)
+    assert early["last_stage_start_loss"] == 3.8 and early["early_flops"] == 10
+    assert early["fedit_flops_to_same_loss"] == 10 and early["early_flops_ratio"] == 1.0
+    after = early["after_k_last_stage_rounds"]
+    assert after[1] == {"loss": 2.9, "fedit": 3.0, "control": 3.5}
+    assert after[4]["loss"] is None
+
+
+def test_methods_must_be_staged():
+    with pytest.raises(ConfigError):
+        equal_cost.method_list("devft,flora")
+    assert equal_cost.method_list("fedit,devft") == ["devft"]
+
+
+def test_smoke_study_runs_end_to_end_and_reuses_its_runs(tiny_model_dir, tiny_data_file,
+                                                         tmp_path):
+    argv = ["--smoke", "--config", str(ROOT / "configs" / "default.yaml"),
+            "--models", str(tiny_model_dir), "--seeds", "0,1",
+            "--methods", "devft,progfed,devft-notransfer", "--set", f"data.name={tiny_data_file}",
+            "--out", str(tmp_path)]
+    results = equal_cost.main(argv)
+    model = results["models"][Path(tiny_model_dir).name]
+    assert len(model["per_seed"]) == 2
+    for entry in model["per_seed"]:
+        fedit = entry["methods"]["fedit"]
+        assert fedit["stop"]["reason"] in ("plateau", "max_rounds") and 2 <= fedit["rounds"] <= 4
+        assert entry["target_eval_loss"] == fedit["final_eval_loss"]
+        assert fedit["ratios"]["100%"]["flops_ratio"] == 1.0
+        for m in ("devft", "progfed", "devft-notransfer"):
+            e = entry["methods"][m]
+            assert e["stop"]["reason"] in ("target_loss", "flops_budget")
+            if e["stop"]["reason"] == "flops_budget":
+                assert e["total_client_flops"] >= entry["flops_budget"]
+            assert [s["rounds"] for s in e["stages"]][:-1] == [1, 1]  # early stages as set
+            assert "last_stage_start_loss" in e["early"]
+    summary = model["summary"]["devft"]
+    assert summary["seeds"] == 2 and summary["final_eval_loss"]["std"] is not None
+    for axis in ("flops", "bytes", "time"):
+        assert (tmp_path / f"equal_cost_{axis}.png").stat().st_size > 0
+    assert json.loads((tmp_path / "equal_cost.json").read_text())["methods"][0] == "fedit"
+    stamp = (tmp_path / Path(tiny_model_dir).name / "seed-0" / "devft" / "summary.json"
+             ).stat().st_mtime_ns
+    equal_cost.main(argv)  # finished runs are reused, not rerun
+    assert (tmp_path / Path(tiny_model_dir).name / "seed-0" / "devft" / "summary.json"
+            ).stat().st_mtime_ns == stamp
