@@ -48,10 +48,15 @@ def _shade_stages(ax, records: list[dict[str, Any]]) -> None:
 
 
 def plot_run(records: list[dict[str, Any]], path: Path) -> None:
-    """Left: held-out loss of the full model (after transfer) by round. Right: the model the
+    """Left: held-out loss of the full model (after transfer) by round. Middle: the model the
     clients actually train (the stage submodel): its held-out loss and the clients' train loss.
+    Right (when recorded): mean per-layer ‖A‖_F relative to a fresh init, and mean ‖B‖_F.
     """
-    fig, (full_ax, sub_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    norms = any("A_rel_fresh" in r.get("adapter_norms", {}).get("full", {}) for r in records)
+    fig, axes = plt.subplots(1, 3 if norms else 2, figsize=(17 if norms else 12, 4.2))
+    full_ax, sub_ax = axes[0], axes[1]
+    if norms:
+        _plot_norms(axes[2], records)
     full_ax.plot(
         [r["round"] for r in records],
         [r["eval_loss"] for r in records],
@@ -77,6 +82,32 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+def _plot_norms(ax, records: list[dict[str, Any]]) -> None:
+    """The adapter's scale by round: ‖A‖ / fresh init (left axis) and ‖B‖ (right axis)."""
+    top = 1.3
+    for part, style in (("full", "o-"), ("submodel", "s--")):
+        pts = [(r["round"], r["adapter_norms"][part]["A_rel_fresh"]["mean"]) for r in records
+               if "A_rel_fresh" in r.get("adapter_norms", {}).get(part, {})]
+        if pts:
+            ax.plot(*zip(*pts), style, ms=4, label=f"‖A‖ / fresh init, {part}")
+            top = max(top, 1.1 * max(v for _, v in pts))
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0, top)
+    ax.set_ylabel("mean per-layer ‖A‖_F / √(r/3)")
+    b_ax = ax.twinx()
+    pts = [(r["round"], r["adapter_norms"]["full"]["B"]["mean"]) for r in records
+           if "B" in r.get("adapter_norms", {}).get("full", {})]
+    if pts:
+        b_ax.plot(*zip(*pts), "^:", color="C3", ms=4, label="‖B‖_F, full model")
+    b_ax.set_ylabel("mean per-layer ‖B‖_F")
+    _shade_stages(ax, records)
+    ax.set_xlabel("round")
+    ax.set_title("adapter norms", pad=16)
+    lines = ax.get_legend_handles_labels()
+    more = b_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
 
 
 def plot_comparison(
