@@ -1,0 +1,95 @@
+"""The run config's method-specific sections: DoFIT, C2A, Offsite-tuning, adaptive stages,
+calibrated fusion. Each checks its own values like the general sections do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from devft.config.sections import _check
+
+
+@dataclass
+class DoFITConfig:
+    domains: int = 2
+    """Pseudo-domains the clients are split into (our reading for one data pool)."""
+    topk: int = 15
+    """Tensors per domain considered important (the official code's hard-coded 15)."""
+    scale: float = 1.0
+    """Proximal perturbation scale s."""
+
+    def __post_init__(self) -> None:
+        _check(self.domains >= 1, "dofit.domains", self.domains, "a positive integer")
+        _check(self.topk >= 1, "dofit.topk", self.topk, "a positive integer")
+        _check(self.scale >= 0, "dofit.scale", self.scale, "a number >= 0")
+
+
+@dataclass
+class C2AConfig:
+    embed_dim: int = 8
+    """Size t of the client/layer/module embeddings fed to the hypernetwork."""
+    hidden_dim: int = 32
+    """Width c of the factorized generator (L @ H)."""
+
+    def __post_init__(self) -> None:
+        _check(self.embed_dim >= 1, "c2a.embed_dim", self.embed_dim, "a positive integer")
+        _check(self.hidden_dim >= 1, "c2a.hidden_dim", self.hidden_dim, "a positive integer")
+
+
+@dataclass
+class OffsiteConfig:
+    """Offsite-tuning (`offsite`, `devft+offsite`): real adapter layers around an emulator."""
+
+    k_bottom: int = 1
+    """First layers trained as the bottom adapter (the full model's own)."""
+    k_top: int = 1
+    """Last layers trained as the top adapter."""
+    emulator_fraction: float = 0.5
+    """`offsite`: share of the middle layers the emulator keeps, evenly spaced (0.5 = every
+    other layer, Offsite-tuning's default)."""
+    emulator_layers: int = 0
+    """`offsite`: middle layers the emulator keeps; 0 = use emulator_fraction."""
+
+    def __post_init__(self) -> None:
+        _check(self.k_bottom >= 0, "offsite.k_bottom", self.k_bottom, "an integer >= 0")
+        _check(self.k_top >= 0, "offsite.k_top", self.k_top, "an integer >= 0")
+        _check(self.k_bottom + self.k_top >= 1, "offsite.k_top", self.k_top,
+               "at least one adapter layer in all (offsite.k_bottom + offsite.k_top >= 1)")
+        _check(0.0 <= self.emulator_fraction <= 1.0, "offsite.emulator_fraction",
+               self.emulator_fraction, "a number in [0, 1]")
+        _check(self.emulator_layers >= 0, "offsite.emulator_layers", self.emulator_layers,
+               "an integer >= 0 (0 = use offsite.emulator_fraction)")
+
+
+@dataclass
+class AdaptiveConfig:
+    """`devft-adaptive`: a stage ends when its submodel's calibration loss stops improving."""
+
+    window: int = 2
+    """Rounds over which the improvement is measured."""
+    threshold: float = 0.01
+    """Advance when the calibration loss fell by less than this (nats) over the window."""
+    min_rounds: int = 1
+    """Rounds every stage runs at least."""
+    max_rounds: int = 0
+    """Rounds a stage runs at most; 0 = no cap but the budget (federation.rounds)."""
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "adaptive.window", self.window, "a positive integer")
+        _check(self.threshold >= 0, "adaptive.threshold", self.threshold, "a number >= 0")
+        _check(self.min_rounds >= 1, "adaptive.min_rounds", self.min_rounds,
+               "a positive integer")
+        _check(self.max_rounds == 0 or self.max_rounds >= self.min_rounds,
+               "adaptive.max_rounds", self.max_rounds,
+               f"0 (no cap) or at least adaptive.min_rounds={self.min_rounds}")
+
+
+@dataclass
+class CalibrateConfig:
+    """`devft-calibrated`: the server picks β per stage on its calibration rows."""
+
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
+    """Candidate β values (each in [0, 1]; a β a group's size clamps is clamped per group)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.betas) and all(0.0 <= b <= 1.0 for b in self.betas),
+               "calibrate.betas", self.betas, "a non-empty list of numbers in [0, 1]")
