@@ -292,7 +292,9 @@ def summarize(results: list[dict], floor: int) -> list[dict]:
         rows.append({k: r[k] for k in ("method", "layers", "batch", "seq", "checkpointing",
                                        "legacy")} | {
             "peak_bytes": peak, "above_floor_bytes": peak - floor,
-            "build_peak_above_floor_bytes": r["marks"]["after_build"]["VmHWM"] - floor,
+            "build_peak_above_import_bytes": (r["marks"]["after_build"]["VmHWM"]
+                                              - r["marks"]["after_import"]["VmRSS"]),
+            "marks": r["marks"],
             "rss_file_bytes": r["marks"]["after_train"]["RssFile"],
             "limit": r["limit"],
             "step_s": r["metrics"]["train-time-s"] / max(1, r["metrics"]["steps"]),
@@ -311,6 +313,50 @@ def summarize(results: list[dict], floor: int) -> list[dict]:
     return rows
 
 
+def breakdown(model: str, layers: int, batch: int, seq: int, data: Path) -> list[dict]:
+    """Where a client's memory goes, step by step, in this (fresh) process: the calls
+    `client_train` makes, one after another, with RSS (anonymous / file-backed) after each."""
+    import datasets  # noqa: F401
+    import flwr_datasets.partitioner  # noqa: F401
+    import torch
+
+    import devft.federation.client_app  # noqa: F401  (the client's imports)
+    from devft.config import load_config
+    from devft.core.grouping import contiguous_groups
+    from devft.data import collate, encode, federated_data
+    from devft.models.client_stage import client_layout, client_stage_model, client_tokenizer
+    from devft.models.submodel import StagePlan
+    from devft.training.loss import response_loss
+
+    steps = [("floor (imports)", status())]
+    cfg = load_config(None, [f"model.path={model}", "model.device=cpu", f"data.name={data}",
+                             "federation.num_clients=1", f"train.batch_size={batch}",
+                             f"data.max_seq_len={seq}"])
+    fd = federated_data(cfg.data, 1, 0)
+    steps.append(("data", status()))
+    depth = client_layout(cfg.model).depth
+    steps.append(("config + meta model", status()))
+    tok = client_tokenizer(cfg.model)
+    steps.append(("tokenizer", status()))
+    groups = tuple(tuple(g) for g in contiguous_groups(depth, layers))
+    model = client_stage_model(cfg.model, StagePlan(0, groups, 0.1), cfg.lora)
+    steps.append((f"stage built ({layers} layers, LoRA attached)", status()))
+    records = next(iter(fd.client_batches(0, 1, 1, batch, 0)))
+    batch_ = collate([encode(r, tok, seq) for r in records], tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model.train()
+    for step in (1, 2, 3):
+        start = time.perf_counter()
+        loss, n = response_loss(model, batch_)
+        steps.append((f"step {step}: forward", status()))
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append((f"step {step}: backward + AdamW", status()
+                      | {"step_s": time.perf_counter() - start}))
+    return [{"step": name, **values} for name, values in steps]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/bench/client-memory")
@@ -319,9 +365,19 @@ def main() -> None:
     parser.add_argument("--legacy-models", default="smollm2-135m-instruct",
                         help="models also measured with the legacy (full-base) client")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown", metavar="MODEL:LAYERS:BATCHxSEQ",
+                        help="print where one client's memory goes, step by step, and exit")
     args = parser.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.breakdown:
+        model, layers, shape = args.breakdown.rsplit(":", 2)
+        batch, seq = (int(v) for v in shape.split("x"))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = breakdown(model, int(layers), batch, seq, _write_data(out / "long-records.jsonl"))
+        print(json.dumps(rows))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
