@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 SHAPES = ((4, 192), (1, 64))
+VARIANT = ("batch", "seq", "checkpointing", "legacy", "release_memory")
 MIB = 2**20
 
 
@@ -189,15 +190,19 @@ def _run_child(spec: dict, work: Path) -> dict:
 
 def _variants(legacy: bool) -> list[dict[str, Any]]:
     """The served variant first (default shape, checkpointing off), then the replays:
-    checkpointing at the default shape (where activations dominate), the small shape, and the
-    legacy client at both shapes when `legacy`."""
+    checkpointing at the default shape (where activations dominate), the small shape, and,
+    when `legacy`, at both shapes: the stage client with glibc's default allocator
+    (train.release_memory=false) and the legacy client (whole base, default allocator)."""
     (big, seq), (small, small_seq) = SHAPES
-    out = [{"batch": big, "seq": seq, "checkpointing": False, "legacy": False},
-           {"batch": big, "seq": seq, "checkpointing": True, "legacy": False},
-           {"batch": small, "seq": small_seq, "checkpointing": False, "legacy": False}]
+
+    def v(batch, seq, ckpt=False, legacy=False, release=True):
+        return {"batch": batch, "seq": seq, "checkpointing": ckpt, "legacy": legacy,
+                "release_memory": release}
+
+    out = [v(big, seq), v(big, seq, ckpt=True), v(small, small_seq)]
     if legacy:
-        out += [{"batch": b, "seq": t, "checkpointing": False, "legacy": True}
-                for b, t in SHAPES]
+        out += [v(b, t, release=False) for b, t in SHAPES]
+        out += [v(b, t, legacy=True, release=False) for b, t in SHAPES]
     return out
 
 
@@ -225,15 +230,15 @@ def make_grid(cfg, results: list[dict], label: str, legacy: bool):
                 (work / "context.pb").write_bytes(context_to_proto(context).SerializeToString())
                 run_cfg = cfg.replace(**{
                     "train.batch_size": variant["batch"], "data.max_seq_len": variant["seq"],
-                    "train.gradient_checkpointing": variant["checkpointing"]})
+                    "train.gradient_checkpointing": variant["checkpointing"],
+                    "train.release_memory": variant["release_memory"]})
                 start = time.perf_counter()
                 out = _run_child({"run_config": run_cfg.to_run_config(),
                                   "legacy": variant["legacy"]}, work)
                 out.update(variant, method=label, layers=plan_layers,
                            process_s=time.perf_counter() - start)
                 results.append(out)
-                print(json.dumps({k: out[k] for k in ("method", "layers", "batch", "seq",
-                                                      "checkpointing", "legacy")}),
+                print(json.dumps({k: out[k] for k in ("method", "layers", *VARIANT)}),
                       "peak MiB", out["marks"]["after_train"]["VmHWM"] // MIB, flush=True)
                 if reply is None:  # the served variant: its reply and state go back
                     data = json.loads((work / "reply.json").read_text())
@@ -289,8 +294,8 @@ def summarize(results: list[dict], floor: int) -> list[dict]:
     rows = []
     for r in results:
         peak = r["marks"]["after_train"]["VmHWM"]
-        rows.append({k: r[k] for k in ("method", "layers", "batch", "seq", "checkpointing",
-                                       "legacy")} | {
+        rows.append({"method": r["method"], "layers": r["layers"],
+                     **{k: r.get(k, True) for k in VARIANT}} | {
             "peak_bytes": peak, "above_floor_bytes": peak - floor,
             "build_peak_above_import_bytes": (r["marks"]["after_build"]["VmHWM"]
                                               - r["marks"]["after_import"]["VmRSS"]),
@@ -299,16 +304,22 @@ def summarize(results: list[dict], floor: int) -> list[dict]:
             "limit": r["limit"],
             "step_s": r["metrics"]["train-time-s"] / max(1, r["metrics"]["steps"]),
             "process_s": r["process_s"]})
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Ratio to the FedIT client of the same variant, to the limit, and step time to the same
+    stage without checkpointing."""
     for row in rows:
-        ref = next((x for x in rows if x["method"] == "fedit" and x["batch"] == row["batch"]
-                    and x["checkpointing"] == row["checkpointing"]
-                    and x["legacy"] == row["legacy"]), None)
+        ref = next((x for x in rows if x["method"] == "fedit"
+                    and all(x[k] == row[k] for k in VARIANT)), None)
         row["ratio_to_fedit"] = row["above_floor_bytes"] / ref["above_floor_bytes"] if ref else None
         row["vs_limit"] = (row["above_floor_bytes"] / row["limit"]["total"]
                            if row["limit"] else None)
         off = next(x for x in rows if x["method"] == row["method"]
                    and x["layers"] == row["layers"] and x["batch"] == row["batch"]
-                   and not x["checkpointing"] and not x["legacy"])
+                   and not x["checkpointing"] and x["legacy"] == row["legacy"]
+                   and x["release_memory"] == row["release_memory"])
         row["step_time_vs_no_checkpointing"] = row["step_s"] / off["step_s"]
     return rows
 
@@ -332,6 +343,10 @@ def breakdown(model: str, layers: int, batch: int, seq: int, data: Path) -> list
     cfg = load_config(None, [f"model.path={model}", "model.device=cpu", f"data.name={data}",
                              "federation.num_clients=1", f"train.batch_size={batch}",
                              f"data.max_seq_len={seq}"])
+    if cfg.train.release_memory:  # as client_train does (set MALLOC_MMAP_THRESHOLD_ to compare)
+        from devft.training.allocator import return_freed_memory
+
+        return_freed_memory()
     fd = federated_data(cfg.data, 1, 0)
     steps.append(("data", status()))
     depth = client_layout(cfg.model).depth
@@ -365,11 +380,30 @@ def main() -> None:
     parser.add_argument("--legacy-models", default="smollm2-135m-instruct",
                         help="models also measured with the legacy (full-base) client")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--merge", metavar="OLD.json,...,NEW.json",
+                        help="combine the rows of several runs' JSON (later runs win)")
     parser.add_argument("--breakdown", metavar="MODEL:LAYERS:BATCHxSEQ",
                         help="print where one client's memory goes, step by step, and exit")
     args = parser.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.merge:  # rows of earlier runs (e.g. the legacy client's) beside the latest
+        paths = [Path(p) for p in args.merge.split(",")]
+        report = json.loads(paths[-1].read_text())
+        for path in paths[:-1]:
+            for model, rows in json.loads(path.read_text())["models"].items():
+                have = {(r["method"], r["layers"], *(r[k] for k in VARIANT))
+                        for r in report["models"].get(model, [])}
+                extra = [r for r in rows if (r["method"], r["layers"],
+                                             *(r.get(k, True) for k in VARIANT)) not in have]
+                report["models"].setdefault(model, []).extend(extra)
+        for model, rows in report["models"].items():
+            report["models"][model] = with_ratios(rows)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "client_memory.json").write_text(json.dumps(report, indent=2))
+        _plot(report, out / "client_memory.png")
         return
     if args.breakdown:
         model, layers, shape = args.breakdown.rsplit(":", 2)
@@ -418,21 +452,23 @@ def _plot(report: dict, path: Path) -> None:
                             key=lambda k: (k[0] == "fedit", k[1]))
             x = range(len(labels))
 
-            def pick(method, layers, ckpt, legacy, key, rows=rows):
+            def pick(method, layers, ckpt, legacy, release, key, rows=rows):
                 r = next((r for r in rows if (r["method"], r["layers"]) == (method, layers)
-                          and r["checkpointing"] == ckpt and r["legacy"] == legacy), None)
+                          and r["checkpointing"] == ckpt and r["legacy"] == legacy
+                          and r["release_memory"] == release), None)
                 if r is None:
                     return 0.0  # not measured at this shape
                 return (r[key] if key != "limit" else r["limit"]["total"]) / MIB
 
-            for k, (name, ckpt, legacy, key) in enumerate((
-                    ("legacy client (full base)", False, True, "above_floor_bytes"),
-                    ("stage client", False, False, "above_floor_bytes"),
-                    ("stage client + checkpointing", True, False, "above_floor_bytes"),
-                    ("limit from tensors", False, False, "limit"))):
-                ax.bar([v + k * 0.2 for v in x], [pick(m, n, ckpt, legacy, key)
-                                                  for m, n in labels], 0.2, label=name)
-            ax.set_xticks([v + 0.3 for v in x], [f"{m} {n}L" for m, n in labels], fontsize=8)
+            bars = (("legacy client (full base)", False, True, False, "above_floor_bytes"),
+                    ("stage client, glibc default", False, False, False, "above_floor_bytes"),
+                    ("stage client", False, False, True, "above_floor_bytes"),
+                    ("stage client + checkpointing", True, False, True, "above_floor_bytes"),
+                    ("limit from tensors", False, False, True, "limit"))
+            for k, (name, ckpt, legacy, release, key) in enumerate(bars):
+                ax.bar([v + k * 0.16 for v in x], [pick(m, n, ckpt, legacy, release, key)
+                                                   for m, n in labels], 0.16, label=name)
+            ax.set_xticks([v + 0.32 for v in x], [f"{m} {n}L" for m, n in labels], fontsize=8)
             ax.set_ylabel("peak RSS above floor (MiB)")
             ax.set_title(f"{model}, batch {batch}x{seq}", fontsize=9)
             ax.legend(fontsize=7)

@@ -178,6 +178,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations during backward instead of keeping them:
     less client memory for about one more forward pass of compute (every method)."""
+    release_memory: bool = True
+    """glibc: fix malloc's mmap threshold at 128 KiB in client processes, so freed activations
+    go back to the OS instead of staying in a fragmented heap (devft.training.allocator)."""
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "a positive integer")

@@ -34,6 +34,7 @@ from devft.models.client_stage import (
 from devft.models.lora import get_lora_state, set_lora_state, set_trainable
 from devft.models.submodel import StagePlan, stage_model
 from devft.rules import ClientEnv, ClientStore, Rule, make_rule
+from devft.training.allocator import return_freed_memory
 from devft.training.evaluation import heldout_batches, heldout_loss
 from devft.training.local import train_local
 
@@ -74,6 +75,8 @@ def _model(cfg: RunConfig, rule: Rule, plan: StagePlan, settings: LoraSettings, 
 
 def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """One round of local training on this node's partition."""
+    if cfg.train.release_memory:
+        return_freed_memory()
     rule = make_rule(cfg)
     plan = plan_from_config(msg.content["config"])
     env, layout = _env(cfg, rule, plan, msg, context)
