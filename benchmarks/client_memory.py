@@ -372,6 +372,53 @@ def breakdown(model: str, layers: int, batch: int, seq: int, data: Path) -> list
     return [{"step": name, **values} for name, values in steps]
 
 
+def step_times(model: str, layers: int, batch: int, seq: int, data: Path,
+               repeats: int = 3) -> dict[str, Any]:
+    """Step time with gradient checkpointing off and on, side by side in one process:
+    after a warm-up step of each, `repeats` alternating pairs; medians and their ratio (a
+    ratio of neighbours is robust to other jobs on the cores, absolute times are not)."""
+    import statistics
+
+    import torch
+
+    from devft.config import load_config
+    from devft.core.grouping import contiguous_groups
+    from devft.data import collate, encode, federated_data
+    from devft.models.client_stage import (
+        client_layout,
+        client_stage_model,
+        client_tokenizer,
+        set_gradient_checkpointing,
+    )
+    from devft.models.submodel import StagePlan
+    from devft.training.loss import response_loss
+
+    cfg = load_config(None, [f"model.path={model}", "model.device=cpu", f"data.name={data}",
+                             "federation.num_clients=1", f"train.batch_size={batch}",
+                             f"data.max_seq_len={seq}"])
+    fd, tok = federated_data(cfg.data, 1, 0), client_tokenizer(cfg.model)
+    groups = tuple(tuple(g) for g in contiguous_groups(client_layout(cfg.model).depth, layers))
+    peft = client_stage_model(cfg.model, StagePlan(0, groups, 0.1), cfg.lora)
+    records = next(iter(fd.client_batches(0, 1, 1, batch, 0)))
+    batch_ = collate([encode(r, tok, seq) for r in records], tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad])
+    peft.train()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(repeats + 1):
+        for ckpt in (False, True):
+            set_gradient_checkpointing(peft, ckpt)
+            start = time.perf_counter()
+            loss, n = response_loss(peft, batch_)
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i > 0:  # the first pair warms up
+                times[ckpt].append(time.perf_counter() - start)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return {"model": model, "layers": layers, "batch": batch, "seq": seq,
+            "off_s": times[False], "on_s": times[True], "ratio_on_to_off": on / off}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/bench/client-memory")
@@ -382,6 +429,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--merge", metavar="OLD.json,...,NEW.json",
                         help="combine the rows of several runs' JSON (later runs win)")
+    parser.add_argument("--step-times", metavar="MODEL:LAYERS:BATCHxSEQ",
+                        help="time steps with checkpointing off and on, side by side, and exit")
     parser.add_argument("--breakdown", metavar="MODEL:LAYERS:BATCHxSEQ",
                         help="print where one client's memory goes, step by step, and exit")
     args = parser.parse_args()
@@ -405,13 +454,14 @@ def main() -> None:
         (out / "client_memory.json").write_text(json.dumps(report, indent=2))
         _plot(report, out / "client_memory.png")
         return
-    if args.breakdown:
-        model, layers, shape = args.breakdown.rsplit(":", 2)
+    if args.breakdown or args.step_times:
+        model, layers, shape = (args.breakdown or args.step_times).rsplit(":", 2)
         batch, seq = (int(v) for v in shape.split("x"))
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        rows = breakdown(model, int(layers), batch, seq, _write_data(out / "long-records.jsonl"))
-        print(json.dumps(rows))
+        data = _write_data(out / "long-records.jsonl")
+        fn = breakdown if args.breakdown else step_times
+        print(json.dumps(fn(model, int(layers), batch, seq, data)))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
