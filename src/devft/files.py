@@ -107,15 +107,20 @@ def append_line(path: str | Path, line: str) -> None:
         os.fsync(f.fileno())
 
 
-def read_json(path: str | Path) -> Any:
-    """The JSON content of `path`; a missing, unreadable or truncated file is a RunFileError."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The text of a run file; a missing or unreadable one is a RunFileError naming it."""
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise RunFileError(f"{path} is missing") from None
     except (OSError, UnicodeDecodeError) as err:
         raise RunFileError(f"{path} is unreadable ({err})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON content of `path`; a missing, unreadable or truncated file is a RunFileError."""
+    path = Path(path)
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -139,12 +144,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     other line that is not a JSON object is a RunFileError naming the file and line.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RunFileError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RunFileError(f"{path} is unreadable ({err})") from None
+    text = _read_text(path)
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, start=1):
