@@ -79,9 +79,6 @@ class GlobalModel:
             self.full, self.base.family, self.calibration, self.cfg.train.precision
         )
 
-    def group(self, k: int) -> Groups:
-        return self.group_and_frozen(k)[0]
-
     def group_and_frozen(self, k: int) -> tuple[Groups, tuple[int, ...]]:
         """The k groups of a stage and its frozen (emulator) submodel layers."""
         return method_groups(self.method, self.cfg, self.depth, k, self._similarity_array)
@@ -103,10 +100,8 @@ class GlobalModel:
         calibration: dict[str, Any] = {}
         if self.method.calibrate and not plan.is_full(self.depth):
             start = time.perf_counter()
-            beta, tried = pick_best(
-                self.cfg.calibrate.betas,
-                lambda b: self.calib_submodel(replace(plan, beta=b),
-                                              self._initial_adapter(replace(plan, beta=b))[0]))
+            beta, tried = pick_best(self.cfg.calibrate.betas,
+                                    lambda b: self._start_calib_loss(replace(plan, beta=b)))
             plan = replace(plan, beta=beta)
             calibration = {"calibrated_beta": beta, "calibration_grid": tried,
                            "calibration_time_s": round(time.perf_counter() - start, 3)}
@@ -124,6 +119,10 @@ class GlobalModel:
             **calibration,
         }
         return plan, drop_layers(sub, frozen, self.prefix)
+
+    def _start_calib_loss(self, plan: StagePlan) -> float:
+        """The plan's submodel, with its initial adapter, on the calibration rows."""
+        return self.calib_submodel(plan, self._initial_adapter(plan)[0])
 
     def _initial_adapter(self, plan: StagePlan) -> tuple[StateDict, list[int]]:
         """The plan's submodel adapter fused from the global one (frozen layers included)."""
