@@ -25,6 +25,7 @@ from devft.config.method_sections import (
     CalibrateConfig,
     DoFITConfig,
     OffsiteConfig,
+    StopConfig,
 )
 from devft.config.sections import (
     DataConfig,
@@ -37,7 +38,6 @@ from devft.config.sections import (
     _check,
     _parse_number,
 )
-from devft.core.stopping import StopConfig
 from devft.errors import ConfigError
 from devft.methods import METHOD_NAMES, get_method
 

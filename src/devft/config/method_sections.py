@@ -1,9 +1,11 @@
 """The run config's method-specific sections: DoFIT, C2A, Offsite-tuning, adaptive stages,
-calibrated fusion. Each checks its own values like the general sections do.
+calibrated fusion, and the open-ended last stage (`stop`). Each checks its own values like
+the general sections do.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from devft.config.sections import _check
 
@@ -93,3 +95,37 @@ class CalibrateConfig:
     def __post_init__(self) -> None:
         _check(bool(self.betas) and all(0.0 <= b <= 1.0 for b in self.betas),
                "calibrate.betas", self.betas, "a non-empty list of numbers in [0, 1]")
+
+
+@dataclass
+class StopConfig:
+    """How long the last stage runs (`stop.rule`; devft.core.stopping decides)."""
+
+    rule: Literal["rounds", "plateau", "target"] = "rounds"
+    window: int = 4
+    """plateau: rounds over which the relative improvement is measured."""
+    rel_improvement: float = 0.01
+    """plateau: stop when the loss fell by less than this fraction over the window."""
+    min_rounds: int = 24
+    """plateau: rounds of the run before the plateau test applies."""
+    max_rounds: int = 64
+    """plateau and target: most rounds of the run (all stages together)."""
+    target_loss: float = 0.0
+    """target: held-out loss that ends the run; 0 = none."""
+    flops_budget: float = 0.0
+    """target: cumulative client FLOPs that end the run; 0 = none."""
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "stop.window", self.window, "a positive integer")
+        _check(0.0 <= self.rel_improvement < 1.0, "stop.rel_improvement",
+               self.rel_improvement, "a number in [0, 1)")
+        _check(self.min_rounds >= 1, "stop.min_rounds", self.min_rounds, "a positive integer")
+        _check(self.max_rounds >= self.min_rounds, "stop.max_rounds", self.max_rounds,
+               f"an integer >= stop.min_rounds={self.min_rounds}")
+        _check(self.target_loss >= 0, "stop.target_loss", self.target_loss,
+               "a number >= 0 (0 = no target)")
+        _check(self.flops_budget >= 0, "stop.flops_budget", self.flops_budget,
+               "a number >= 0 (0 = no budget)")
+        _check(self.rule != "target" or self.target_loss > 0 or self.flops_budget > 0,
+               "stop.rule", self.rule, "target only with stop.target_loss > 0 or "
+               "stop.flops_budget > 0 (else use plateau or rounds)")

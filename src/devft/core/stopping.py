@@ -19,51 +19,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING
 
-from devft.errors import ConfigError
-
-STOP_RULES = ("rounds", "plateau", "target")
-
-
-@dataclass
-class StopConfig:
-    """How long the last stage runs (see the module docstring)."""
-
-    rule: Literal["rounds", "plateau", "target"] = "rounds"
-    window: int = 4
-    """plateau: rounds over which the relative improvement is measured."""
-    rel_improvement: float = 0.01
-    """plateau: stop when the loss fell by less than this fraction over the window."""
-    min_rounds: int = 24
-    """plateau: rounds of the run before the plateau test applies."""
-    max_rounds: int = 64
-    """plateau and target: most rounds of the run (all stages together)."""
-    target_loss: float = 0.0
-    """target: held-out loss that ends the run; 0 = none."""
-    flops_budget: float = 0.0
-    """target: cumulative client FLOPs that end the run; 0 = none."""
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.window >= 1, "stop.window", self.window, "a positive integer"),
-            (0.0 <= self.rel_improvement < 1.0, "stop.rel_improvement",
-             self.rel_improvement, "a number in [0, 1)"),
-            (self.min_rounds >= 1, "stop.min_rounds", self.min_rounds, "a positive integer"),
-            (self.max_rounds >= self.min_rounds, "stop.max_rounds", self.max_rounds,
-             f"an integer >= stop.min_rounds={self.min_rounds}"),
-            (self.target_loss >= 0, "stop.target_loss", self.target_loss,
-             "a number >= 0 (0 = no target)"),
-            (self.flops_budget >= 0, "stop.flops_budget", self.flops_budget,
-             "a number >= 0 (0 = no budget)"),
-            (self.rule != "target" or self.target_loss > 0 or self.flops_budget > 0,
-             "stop.rule", self.rule, "target only with stop.target_loss > 0 or "
-             "stop.flops_budget > 0 (else use plateau or rounds)"),
-        ]
-        for ok, name, value, allowed in checks:
-            if not ok:
-                raise ConfigError(name, value, allowed)
+if TYPE_CHECKING:  # the config section lives with the others (devft.config)
+    from devft.config import StopConfig
 
 
 def plateau_reason(losses: Sequence[float], window: int, rel_improvement: float,
