@@ -167,3 +167,48 @@ def test_converted_checkpoint_family_falls_back_to_the_loaded_base(tmp_path):
     with torch.no_grad():  # LoRA B = 0: the wrapped stage computes the submodel's logits
         assert torch.equal(reference(ids).logits, model(input_ids=ids).logits)
     HOLDER.release()
+
+
+OUTPUTS = {"llama": ("self_attn.o_proj", "mlp.down_proj"),
+           "phi3": ("self_attn.o_proj", "mlp.down_proj"),
+           "gpt2": ("attn.c_proj", "mlp.c_proj"),
+           "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h")}
+
+
+@pytest.mark.parametrize("family", sorted(OUTPUTS))
+def test_residual_scale_multiplies_only_fused_output_projections_by_group_size(tmp_path, family):
+    path = _save(tmp_path, family)
+    base = load_base_model(ModelConfig(path=str(path), dtype="fp32", device="cpu"))
+    plain = build_submodel(base.model, base.family, GROUPS, 0.1)
+    scaled = build_submodel(base.model, base.family, GROUPS, 0.1, residual=1.0)
+    half = build_submodel(base.model, base.family, GROUPS, 0.1, residual=0.5)
+    prefix = base.family.layers_path + "."
+    plain_sd, scaled_sd, half_sd = plain.state_dict(), scaled.state_dict(), half.state_dict()
+    hits = 0
+    for key, tensor in plain_sd.items():
+        if not key.startswith(prefix):
+            assert torch.equal(scaled_sd[key], tensor)
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        size = len(GROUPS[int(index)])
+        if rest.rsplit(".", 1)[0] in OUTPUTS[family] and size > 1:
+            hits += 1
+            torch.testing.assert_close(scaled_sd[key], tensor * size)
+            torch.testing.assert_close(half_sd[key], tensor * size ** 0.5)
+        else:  # everything else, and one-layer groups, as without the scale
+            assert torch.equal(scaled_sd[key], tensor), key
+    assert hits >= 4  # both projections (and biases where present) of both fused groups
+    # the client's memory-mapped build applies the same scale
+    layout = base_layout(str(path))
+    stage = build_stage(layout.open_files(), layout, GROUPS, 0.1, "differential",
+                        torch.float32, torch.device("cpu"), residual=1.0)
+    _assert_same(scaled, stage)
+
+
+def test_residual_scale_on_a_family_without_known_output_projections_is_refused():
+    from devft.models.families import Family
+
+    family = Family("custom", "model.layers", output_projections=())
+    assert family.output_scale("mlp.down_proj.weight", 3, 0.0) == 1.0
+    with pytest.raises(ModelError, match="residual_exponents"):
+        family.output_scale("mlp.down_proj.weight", 3, 1.0)

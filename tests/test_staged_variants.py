@@ -11,7 +11,7 @@ from test_federation_run import tiny_cfg
 
 from devft.config import load_config
 from devft.core.adaptive import adaptive_rounds, should_advance, stage_cap
-from devft.core.calibration import pick_best
+from devft.core.calibration import fusion_grid, pick_best
 from devft.core.frozen import drop_layers, fill_frozen, in_layers, transfer_groups
 from devft.core.layerstate import split_by_layer
 from devft.core.offsite import emulator_size, kept_middle, offsite_groups
@@ -195,12 +195,18 @@ def test_offsite_plugs_the_trained_adapter_back_into_the_same_layers_exactly(off
 
 # ---- calibrated fusion -------------------------------------------------------------------------
 def test_pick_best_takes_the_planted_minimum_first_on_ties():
-    planted = {0.0: 3.0, 0.05: 2.5, 0.1: 1.0, 0.2: 1.0, 0.3: math.nan}
-    best, tried = pick_best(list(planted), planted.__getitem__)
-    assert best == 0.1 and [t["beta"] for t in tried] == list(planted)
-    assert pick_best([0.1, 0.2], lambda b: math.nan)[0] == 0.1
+    grid = fusion_grid([0.0, 0.1, 0.2], [0.0, 1.0])
+    assert [(p["beta"], p["residual"]) for p in grid] == [
+        (0.0, 0.0), (0.0, 1.0), (0.1, 0.0), (0.1, 1.0), (0.2, 0.0), (0.2, 1.0)]
+    planted = {(0.0, 0.0): 3.0, (0.0, 1.0): 2.5, (0.1, 0.0): 1.0, (0.1, 1.0): 4.0,
+               (0.2, 0.0): 1.0, (0.2, 1.0): math.nan}
+    best, tried = pick_best(grid, lambda p: planted[p["beta"], p["residual"]])
+    assert best == {"beta": 0.1, "residual": 0.0}
+    assert [t["calib_loss"] for t in tried][:5] == [3.0, 2.5, 1.0, 4.0, 1.0]
+    only_nan = fusion_grid([0.1, 0.2], [0.0])
+    assert pick_best(only_nan, lambda p: math.nan)[0] == {"beta": 0.1, "residual": 0.0}
     with pytest.raises(ValueError):
-        pick_best([], lambda b: 0.0)
+        pick_best([], lambda p: 0.0)
 
 
 def test_calibrated_plan_uses_the_beta_of_lowest_calibration_loss(tiny_model_dir,
@@ -226,3 +232,27 @@ def test_calibrated_plan_uses_the_beta_of_lowest_calibration_loss(tiny_model_dir
     plan, _ = model.plan_stage(first)
     assert plan.beta == 0.3 and calls[:3] == [0.0, 0.1, 0.3]
     assert plan_from_config(ConfigRecord(plan_to_config(plan))).beta == 0.3  # clients' plan
+
+
+def test_calibrated_plan_can_pick_a_residual_scale_and_clients_get_it(tiny_model_dir,
+                                                                    tiny_data_file, tmp_path,
+                                                                    monkeypatch):
+    cfg = tiny_cfg(tiny_model_dir, tiny_data_file, tmp_path / "run", "devft-calibrated",
+                   "calibrate.betas=0.0,0.1", "calibrate.residual_exponents=0.0,1.0")
+    prepare(cfg)
+    model = GlobalModel(cfg, make_rule(cfg))
+    first, _ = model.schedule()
+    seen = []
+
+    def planted(plan, sub_lora):
+        seen.append((plan.beta, plan.residual))
+        return {(0.1, 1.0): 1.0}.get((plan.beta, plan.residual), 5.0)
+
+    monkeypatch.setattr(model, "calib_submodel", planted)
+    plan, _ = model.plan_stage(first)
+    assert seen[:4] == [(0.0, 0.0), (0.0, 1.0), (0.1, 0.0), (0.1, 1.0)]
+    assert (plan.beta, plan.residual) == (0.1, 1.0)
+    report = model.stage_report
+    assert report["calibrated_residual"] == 1.0 and report["residual_exponent"] == 1.0
+    wired = plan_from_config(ConfigRecord(plan_to_config(plan)))
+    assert wired == plan and wired.fusion_key() == (0.1, "differential", 1.0)

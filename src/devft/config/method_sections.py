@@ -91,10 +91,17 @@ class CalibrateConfig:
 
     betas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
     """Candidate β values (each in [0, 1]; a β a group's size clamps is clamped per group)."""
+    residual_exponents: list[float] = field(default_factory=lambda: [0.0])
+    """Candidate γ: fused layers' output projections scaled by |g|^γ (0 = the paper's fusion).
+    The grid is every (β, γ) pair."""
 
     def __post_init__(self) -> None:
         _check(bool(self.betas) and all(0.0 <= b <= 1.0 for b in self.betas),
                "calibrate.betas", self.betas, "a non-empty list of numbers in [0, 1]")
+        _check(bool(self.residual_exponents)
+               and all(0.0 <= g <= 2.0 for g in self.residual_exponents),
+               "calibrate.residual_exponents", self.residual_exponents,
+               "a non-empty list of numbers in [0, 2]")
 
 
 @dataclass

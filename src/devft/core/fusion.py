@@ -19,6 +19,12 @@ sum to 1. The server logs a warning per clamped group and records it in the stag
 (`clamped_groups`). What can be known before training, a β that even groups of an explicit
 or doubling stage schedule would already clamp, is refused by the config check instead
 (`check_beta_for_stages`).
+
+Residual scale (`devft-calibrated`, calibrate.residual_exponents; not in the paper). A fused
+layer stands for |g| residual blocks but adds one block's output to the residual stream; the
+fused layer's output projections (attention out, MLP down) can be scaled by |g|^γ to restore
+the magnitude. γ = 0 (the default) is the paper's fusion; only base weights are scaled, never
+the LoRA, so what is transferred back to the real layers is unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ FusionVariant = Literal["differential", "anchor", "average"]
 def effective_beta(group_size: int, beta: float) -> float:
     """β for a group of this size after the clamp: min(β, 1/(|g|−1))."""
     return beta if group_size < 2 else min(beta, 1.0 / (group_size - 1))
+
+
+def residual_scale(group_size: int, exponent: float) -> float:
+    """|g|^γ for a fused layer's output projections; 1 for a one-layer group or γ = 0."""
+    return 1.0 if group_size < 2 or exponent == 0.0 else float(group_size) ** exponent
 
 
 def fusion_coefficients(

@@ -23,7 +23,7 @@ import torch
 
 from devft.config import RunConfig
 from devft.core.adapter_stats import adapter_norms, stage_start_report
-from devft.core.calibration import pick_best
+from devft.core.calibration import fusion_grid, pick_best
 from devft.core.frozen import drop_layers, fill_frozen, transfer_groups
 from devft.core.fusion import clamped_groups
 from devft.core.grouping import Groups, format_groups
@@ -100,13 +100,15 @@ class GlobalModel:
         calibration: dict[str, Any] = {}
         if self.method.calibrate and not plan.is_full(self.depth):
             start = time.perf_counter()
-            beta, tried = pick_best(self.cfg.calibrate.betas,
-                                    lambda b: self._start_calib_loss(replace(plan, beta=b)))
-            plan = replace(plan, beta=beta)
-            calibration = {"calibrated_beta": beta, "calibration_grid": tried,
+            grid = fusion_grid(self.cfg.calibrate.betas, self.cfg.calibrate.residual_exponents)
+            best, tried = pick_best(grid, lambda p: self._start_calib_loss(replace(plan, **p)))
+            plan = replace(plan, **best)
+            calibration = {"calibrated_beta": plan.beta, "calibrated_residual": plan.residual,
+                           "calibration_grid": tried,
                            "calibration_time_s": round(time.perf_counter() - start, 3)}
-            log.info("stage %d: calibrated beta %g (%s)", stage.index, beta,
-                     ", ".join(f"{t['beta']:g}: {t['calib_loss']:.3f}" for t in tried))
+            log.info("stage %d: calibrated beta %g, residual exponent %g (%s)", stage.index,
+                     plan.beta, plan.residual, ", ".join(
+                         f"{t['beta']:g}/{t['residual']:g}: {t['calib_loss']:.3f}" for t in tried))
         sub, fresh = self._initial_adapter(plan)
         self.stage_report = {
             **stage_start_report(self.lora, sub, groups, plan.beta, plan.fusion, self.prefix,
@@ -114,6 +116,7 @@ class GlobalModel:
             "fresh_init_groups": fresh,
             "clamped_groups": clamped_groups(groups, plan.beta, plan.fusion),
             "beta": plan.beta,
+            "residual_exponent": plan.residual,
             "frozen_layers": list(frozen),
             "start_calib_loss": self.calib_submodel(plan, sub),
             **calibration,

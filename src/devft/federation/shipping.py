@@ -41,7 +41,7 @@ _FIXED, _LAYERS, _KEY = f"{STORE}fixed", f"{STORE}layers", f"{STORE}stage"
 
 def stage_key(plan: StagePlan) -> str:
     """Identifies a stage's fused layers (the same on server and client)."""
-    return json.dumps([plan.group_lists(), plan.beta, plan.fusion])
+    return json.dumps([plan.group_lists(), *plan.fusion_key()])
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -111,7 +111,7 @@ class LayerShipper:
         for name in stage_names(self.layout, plan.num_layers):
             if name.startswith(prefix):
                 layers[name] = stage_tensor(self.source, self.layout, name, groups, plan.beta,
-                                            plan.fusion, self.dtype)
+                                            plan.fusion, self.dtype, plan.residual)
             elif self.fixed is None:
                 fixed[name] = self.source.get(name, self.dtype)
         if self.fixed is None:

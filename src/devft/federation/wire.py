@@ -30,6 +30,7 @@ def plan_to_config(plan: StagePlan) -> dict[str, int | float | str | list[int]]:
         "group-sizes": [len(g) for g in plan.groups],
         "beta": float(plan.beta),
         "fusion": plan.fusion,
+        "residual": float(plan.residual),
     }
     if plan.frozen:  # ConfigRecord lists must not be empty
         out["frozen"] = list(plan.frozen)
@@ -43,9 +44,10 @@ def plan_from_config(config: ConfigRecord) -> StagePlan:
         groups.append(tuple(int(i) for i in flat[start : start + size]))
         start += size
     frozen = tuple(int(i) for i in config["frozen"]) if "frozen" in config else ()
+    residual = float(config["residual"]) if "residual" in config else 0.0
     return StagePlan(
         int(config["stage"]), tuple(groups), float(config["beta"]), str(config["fusion"]),
-        frozen,
+        frozen, residual,
     )
 
 

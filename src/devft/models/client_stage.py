@@ -88,11 +88,6 @@ def _base_source(cfg: ModelConfig, layout: BaseLayout) -> tuple[Callable[[], Ten
     return layout.open_files, "files"
 
 
-def _plan_key(plan: StagePlan) -> tuple:
-    fused = any(len(g) > 1 for g in plan.groups)
-    return (plan.groups, plan.beta, plan.fusion) if fused else (plan.groups, 0.0, "differential")
-
-
 def client_stage_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSettings,
                        shipped: tuple[TensorSource, Hashable] | None = None) -> PeftModel:
     """The LoRA-wrapped submodel of `plan`, held until the next stage (see module docstring).
@@ -108,16 +103,17 @@ def client_stage_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSettings
         source, source_key = shipped
         open_source: Callable[[], TensorSource] = lambda: source  # noqa: E731
         groups = [[n] for n in range(plan.num_layers)]  # the shipped layers are the stage's
-        beta, fusion = 0.0, "differential"
+        beta, fusion, residual = 0.0, "differential", 0.0
     else:
         if layout.needs_conversion:
             return _converted_family_model(cfg, plan, settings, lora_key)
         open_source, source_key = _base_source(cfg, layout)
-        groups, (_, beta, fusion) = plan.group_lists(), _plan_key(plan)
-    key = ("stage", layout.path, cfg.dtype, str(device), _plan_key(plan), lora_key, source_key)
+        groups, (beta, fusion, residual) = plan.group_lists(), plan.fusion_key()
+    key = ("stage", layout.path, cfg.dtype, str(device), plan.groups, plan.fusion_key(),
+           lora_key, source_key)
 
     def build() -> PeftModel:
-        sub = build_stage(open_source(), layout, groups, beta, fusion, dtype, device)
+        sub = build_stage(open_source(), layout, groups, beta, fusion, dtype, device, residual)
         return attach_lora(sub, settings, layout.family)
 
     return HOLDER.get(key, build)
@@ -133,11 +129,10 @@ def _converted_family_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSet
     base = load_base_model(cfg)
     log.warning("%s: transformers converts this family's checkpoint tensors at load time; the "
                 "client builds its stage from the fully loaded base", base.path)
-    key = ("converted", id(base), _plan_key(plan), lora_key)
-    _, beta, fusion = _plan_key(plan)
+    key = ("converted", id(base), plan.groups, plan.fusion_key(), lora_key)
 
     def build() -> PeftModel:
-        sub = build_submodel(base.model, base.family, plan.group_lists(), beta, fusion)
+        sub = build_submodel(base.model, base.family, plan.group_lists(), *plan.fusion_key())
         return attach_lora(sub, settings, base.family)
 
     return HOLDER.get(key, build)

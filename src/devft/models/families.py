@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedModel
 
+from devft.core.fusion import residual_scale
 from devft.errors import ModelError
 
 
@@ -37,8 +38,24 @@ class Family:
         "down_proj",
     )
 
+    output_projections: tuple[str, ...] = ("o_proj", "down_proj")
+    """Modules (last name, or a dotted suffix) that write a layer's blocks into the residual
+    stream; scaled by the residual scale of a fused layer (core/fusion.residual_scale)."""
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return get_attr(model, self.layers_path)
+
+    def output_scale(self, name: str, group_size: int, exponent: float) -> float:
+        """The factor for layer-relative parameter `name` (e.g. "mlp.down_proj.weight") of a
+        fused layer of `group_size` layers: the residual scale on output projections, else 1.
+        ModelError if a scale is asked of a family whose output projections are unknown."""
+        if exponent != 0.0 and not self.output_projections:
+            raise ModelError(f"model type '{self.name}': its output projections are unknown, so "
+                             "calibrate.residual_exponents must be [0.0]")
+        module = "." + name.rsplit(".", 1)[0]
+        if any(module.endswith("." + out) for out in self.output_projections):
+            return residual_scale(group_size, exponent)
+        return 1.0
 
     def lora_prefix(self) -> str:
         """Prefix of per-layer keys in a PEFT LoRA state dict of this family."""
@@ -74,14 +91,20 @@ FAMILIES: dict[str, Family] = {
         num_layers_attr="n_layer",
         layer_index_attrs=("attn.layer_idx",),
         target_modules=("c_attn", "c_proj", "c_fc"),
+        output_projections=("c_proj",),
     ),
     "gpt_neox": Family(
         "gpt_neox",
         "gpt_neox.layers",
         layer_index_attrs=("attention.layer_idx",),
         target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        output_projections=("attention.dense", "dense_4h_to_h"),
     ),
 }
+
+
+_KNOWN_OUTPUTS = frozenset({"o_proj", "down_proj", "out_proj", "c_proj", "fc2", "dense_4h_to_h"})
+"""Output-projection names that `detect_family` recognizes in an unregistered family."""
 
 
 def get_attr(obj: object, dotted: str) -> object:
@@ -123,6 +146,7 @@ def detect_family(model: PreTrainedModel) -> Family:
                 name,
                 layer_index_attrs=index_attrs,
                 target_modules=tuple(linear),
+                output_projections=tuple(n for n in linear if n in _KNOWN_OUTPUTS),
             )
     raise ModelError(
         f"model type '{model.config.model_type}' is not a supported decoder: no list of "

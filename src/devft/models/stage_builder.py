@@ -124,8 +124,10 @@ class _LazyTensor(Mapping[str, torch.Tensor]):
 
 
 def stage_tensor(source: TensorSource, layout: BaseLayout, name: str, groups: Groups,
-                 beta: float, fusion: FusionVariant, dtype: torch.dtype) -> torch.Tensor:
-    """Submodel tensor `name`: group n's fusion for layer n's tensors, else the base's own."""
+                 beta: float, fusion: FusionVariant, dtype: torch.dtype,
+                 residual: float = 0.0) -> torch.Tensor:
+    """Submodel tensor `name`: group n's fusion for layer n's tensors (output projections
+    scaled by |g|^residual), else the base's own."""
     prefix = layout.layer_prefix()
     if not name.startswith(prefix):
         return source.get(name, dtype)
@@ -135,7 +137,9 @@ def stage_tensor(source: TensorSource, layout: BaseLayout, name: str, groups: Gr
     if len(group) == 1:
         return source.get(keys[0], dtype)
     states = [_LazyTensor(source, key, rest, dtype) for key in keys]
-    return fuse_group(states, fusion_coefficients(len(group), beta, fusion))[rest]
+    fused = fuse_group(states, fusion_coefficients(len(group), beta, fusion))[rest]
+    scale = layout.family.output_scale(rest, len(group), residual)
+    return fused.mul_(scale) if scale != 1.0 else fused
 
 
 def stage_names(layout: BaseLayout, num_layers: int) -> list[str]:
@@ -150,13 +154,15 @@ def stage_names(layout: BaseLayout, num_layers: int) -> list[str]:
 
 
 def build_stage(source: TensorSource, layout: BaseLayout, groups: Groups, beta: float,
-                fusion: FusionVariant, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+                fusion: FusionVariant, dtype: torch.dtype, device: torch.device,
+                residual: float = 0.0) -> PreTrainedModel:
     """The frozen len(groups)-layer submodel, its tensors read (and fused) from `source`."""
     config = sub_config(layout.config, layout.family, groups, layout.depth)
     sub = meta_model(config, dtype)
     state = {}
     for name, _ in sub.named_parameters():
-        state[name] = stage_tensor(source, layout, name, groups, beta, fusion, dtype).to(device)
+        state[name] = stage_tensor(source, layout, name, groups, beta, fusion, dtype,
+                                   residual).to(device)
     try:
         sub.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:

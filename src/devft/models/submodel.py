@@ -38,6 +38,8 @@ class StagePlan:
     fusion: str = "differential"
     frozen: tuple[int, ...] = ()
     """Submodel layers whose LoRA is neither trained nor sent (an emulator; core/frozen.py)."""
+    residual: float = 0.0
+    """γ: fused layers' output projections are scaled by |g|^γ (core/fusion.residual_scale)."""
 
     @property
     def num_layers(self) -> int:
@@ -58,6 +60,13 @@ class StagePlan:
     def group_lists(self) -> Groups:
         return [list(g) for g in self.groups]
 
+    def fusion_key(self) -> tuple[float, str, float]:
+        """(β, fusion, residual) that build this plan's layers; the identity for an unfused
+        plan (its β and fusion change nothing), so equal submodels share one cache entry."""
+        if any(len(g) > 1 for g in self.groups):
+            return self.beta, self.fusion, self.residual
+        return 0.0, "differential", 0.0
+
 
 def _shared_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module:
     """Deep copy of the module structure whose tensors are the original's (not copied)."""
@@ -70,8 +79,10 @@ def build_submodel(
     groups: Groups,
     beta: float,
     fusion: FusionVariant = "differential",
+    residual: float = 0.0,
 ) -> PreTrainedModel:
-    """An L_s-layer model: layer n is group n's fusion (or the layer itself if |g| = 1)."""
+    """An L_s-layer model: layer n is group n's fusion (or the layer itself if |g| = 1), its
+    output projections scaled by |g|^residual."""
     layers = family.layers(model)
     config = sub_config(model.config, family, groups, len(layers))
     shared: dict[int, object] = {
@@ -87,6 +98,9 @@ def build_submodel(
             states = [dict(layers[i].named_parameters()) for i in group]
             fused = fuse_group(states, fusion_coefficients(len(group), beta, fusion))
             for name, tensor in fused.items():
+                scale = family.output_scale(name, len(group), residual)
+                if scale != 1.0:
+                    tensor.mul_(scale)
                 set_attr(layer, name, nn.Parameter(tensor, requires_grad=False))
         for attr in family.layer_index_attrs:
             set_attr(layer, attr, n)
@@ -118,11 +132,13 @@ def sub_config(
 
 @functools.lru_cache(maxsize=3)  # the server's full model, its current stage, one spare
 def _cached_stage_model(
-    base: BaseModel, groups: tuple, beta: float, fusion: str, lora_key: tuple
+    base: BaseModel, groups: tuple, fusion_key: tuple, lora_key: tuple
 ) -> PeftModel:
     r, alpha, dropout, targets = lora_key
     settings = LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets))
-    sub = build_submodel(base.model, base.family, [list(g) for g in groups], beta, fusion)
+    beta, fusion, residual = fusion_key
+    sub = build_submodel(base.model, base.family, [list(g) for g in groups], beta, fusion,
+                         residual)
     return attach_lora(sub, settings, base.family)
 
 
@@ -132,9 +148,7 @@ def stage_model(base: BaseModel, plan: StagePlan, settings: LoraSettings) -> Pef
     Callers load the adapter they need with `set_lora_state` before each use.
     """
     lora_key = (settings.r, settings.alpha, settings.dropout, tuple(settings.target_modules))
-    fused = any(len(g) > 1 for g in plan.groups)
-    beta, fusion = (plan.beta, plan.fusion) if fused else (0.0, "differential")
-    return _cached_stage_model(base, plan.groups, beta, fusion, lora_key)
+    return _cached_stage_model(base, plan.groups, plan.fusion_key(), lora_key)
 
 
 def invalidate_stage_models() -> None:
