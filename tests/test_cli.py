@@ -114,6 +114,24 @@ def test_compare_reuses_finished_runs(capsys, base_args, tmp_path):
     assert (tmp_path / "out" / "fedit" / "summary.json").read_text() == summary
 
 
+def test_compare_reuses_a_run_saved_before_a_key_was_added_at_its_default(capsys, base_args,
+                                                                          tmp_path):
+    assert main(["compare", "--methods", "fedit", *base_args]) == 0
+    config = tmp_path / "out" / "fedit" / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["calibrate"]["residual_exponents"]  # as written by the code before that key
+    config.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["compare", "--methods", "fedit", *base_args]) == 0
+    assert "reusing the finished run" in capsys.readouterr().err
+    for key, value in (("lr", saved["train"]["lr"] * 2), ("no_such_key", 1)):
+        changed = json.loads(json.dumps(saved))  # a real difference, or a removed key:
+        changed["train"][key] = value            # a new run
+        config.write_text(json.dumps(changed))
+        assert main(["compare", "--methods", "fedit", *base_args]) == 0
+        assert "reusing the finished run" not in capsys.readouterr().err
+
+
 def test_beta_that_even_groups_would_clamp_is_refused(capsys, base_args):
     # 4 layers, stages 1,4: the first stage's one group of 4 allows beta <= 1/3
     line = _fails(capsys, ["run", *base_args, "--set", "devft.stages=1,4",

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from devft.config import RunConfig
+from devft.config import RunConfig, from_dict
 from devft.errors import ConfigError, RunFileError
 from devft.federation.checkpoint import CHECKPOINTS
 from devft.federation.runner import run_method
@@ -79,10 +79,16 @@ def run_or_reuse(run_cfg: RunConfig) -> dict[str, Any]:
 
 
 def _same_config(run_cfg: RunConfig) -> bool:
+    """Whether the dir's config.json is this config, output section aside. The saved one is
+    read through the config schema, so a key added since (at its default) matches; a key
+    since removed, or a value no longer valid, does not."""
     path = Path(run_cfg.output.dir) / "config.json"
     if not path.is_file():
         return False
-    saved = read_json_object(path)
+    try:
+        saved = from_dict(read_json_object(path)).to_dict()
+    except ConfigError:
+        return False
     mine = run_cfg.to_dict()
     return {k: v for k, v in saved.items() if k != "output"} == {
         k: v for k, v in mine.items() if k != "output"}
