@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from devft.config import RunConfig, from_dict
+from devft.config import RunConfig
 from devft.errors import ConfigError, RunFileError
 from devft.federation.checkpoint import CHECKPOINTS
 from devft.federation.runner import run_method
@@ -78,18 +78,27 @@ def run_or_reuse(run_cfg: RunConfig) -> dict[str, Any]:
         return _finished(run_cfg) or run_method(_maybe_resume(run_cfg))
 
 
+NEUTRAL_NEW_KEYS: tuple[str, ...] = ("calibrate.residual_exponents",)
+"""Config keys added after runs were saved whose default changes nothing those runs did: a
+saved config without one still matches (at its default). A key added with a change of
+behaviour must not be listed, so runs of the older code are run again, not reused."""
+
+
 def _same_config(run_cfg: RunConfig) -> bool:
-    """Whether the dir's config.json is this config, output section aside. The saved one is
-    read through the config schema, so a key added since (at its default) matches; a key
-    since removed, or a value no longer valid, does not."""
+    """Whether the dir's config.json is this config, output section and missing neutral new
+    keys (NEUTRAL_NEW_KEYS, taken at this config's value when it is the default) aside."""
     path = Path(run_cfg.output.dir) / "config.json"
     if not path.is_file():
         return False
-    try:
-        saved = from_dict(read_json_object(path)).to_dict()
-    except ConfigError:
-        return False
+    saved = read_json_object(path)
     mine = run_cfg.to_dict()
+    defaults = RunConfig().to_dict()
+    for dotted in NEUTRAL_NEW_KEYS:
+        section, key = dotted.split(".")
+        held = saved.get(section)
+        at_default = mine[section][key] == defaults[section][key]
+        if isinstance(held, dict) and key not in held and at_default:
+            held[key] = mine[section][key]
     return {k: v for k, v in saved.items() if k != "output"} == {
         k: v for k, v in mine.items() if k != "output"}
 
