@@ -54,8 +54,9 @@ CONTROL = "devft-notransfer"
 STUDY = ["federation.num_clients=4", "federation.clients_per_round=0", "train.local_steps=2",
          "train.batch_size=4", "train.lr=5e-4", "devft.rounds_per_stage=4",
          "federation.rounds=16", "adaptive.max_rounds=6", "data.eval_examples=64",
-         "output.progress=false"]
-"""Per-round budget and schedule shared by every method (before --set)."""
+         "calibrate.residual_exponents=0,1", "output.progress=false"]
+"""Per-round budget and schedule shared by every method (before --set); devft-calibrated
+searches β and the residual scale (γ 0 or 1) jointly."""
 SMOKE = ["federation.num_clients=4", "train.local_steps=2", "train.batch_size=2",
          "train.lr=0.01", "devft.rounds_per_stage=1", "federation.rounds=4",
          "adaptive.max_rounds=1", "data.eval_examples=6", "data.max_seq_len=64",
