@@ -109,7 +109,7 @@ class GlobalModel:
             log.info("stage %d: calibrated beta %g, residual exponent %g (%s)", stage.index,
                      plan.beta, plan.residual, ", ".join(
                          f"{t['beta']:g}/{t['residual']:g}: {t['calib_loss']:.3f}" for t in tried))
-        sub, fresh = self._initial_adapter(plan)
+        sub, fresh = self.initial_adapter(plan)
         self.stage_report = {
             **stage_start_report(self.lora, sub, groups, plan.beta, plan.fusion, self.prefix,
                                  self.cfg.lora.r),
@@ -125,9 +125,9 @@ class GlobalModel:
 
     def _start_calib_loss(self, plan: StagePlan) -> float:
         """The plan's submodel, with its initial adapter, on the calibration rows."""
-        return self.calib_submodel(plan, self._initial_adapter(plan)[0])
+        return self.calib_submodel(plan, self.initial_adapter(plan)[0])
 
-    def _initial_adapter(self, plan: StagePlan) -> tuple[StateDict, list[int]]:
+    def initial_adapter(self, plan: StagePlan) -> tuple[StateDict, list[int]]:
         """The plan's submodel adapter fused from the global one (frozen layers included)."""
         return initial_submodel_adapter(
             self.lora, self.initial_lora, plan.group_lists(), plan.beta, plan.fusion,
