@@ -59,11 +59,12 @@ def stage_grid(model: GlobalModel, stage) -> dict[str, Any]:
 def plot(stages: list[dict[str, Any]], full_loss: float, path: Path) -> None:
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.6), squeeze=False)
     for ax, stage in zip(axes[0], stages):
-        for gamma in sorted({p["residual"] for p in stage["points"]}):
+        for i, gamma in enumerate(sorted({p["residual"] for p in stage["points"]})):
             rows = [p for p in stage["points"] if p["residual"] == gamma]
             betas = [p["beta"] for p in rows]
-            ax.plot(betas, [p["eval_loss"] for p in rows], "o-", label=f"γ={gamma:g}, eval rows")
-            ax.plot(betas, [p["calib_loss"] for p in rows], "x--", alpha=0.6,
+            ax.plot(betas, [p["eval_loss"] for p in rows], "o-", color=f"C{i}",
+                    label=f"γ={gamma:g}, eval rows")
+            ax.plot(betas, [p["calib_loss"] for p in rows], "x--", color=f"C{i}", alpha=0.5,
                     label=f"γ={gamma:g}, calibration rows")
         ax.axhline(full_loss, color="k", lw=0.8, ls=":", label="full model")
         c = stage["chosen"]
