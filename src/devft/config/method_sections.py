@@ -85,6 +85,11 @@ class AdaptiveConfig:
                f"0 (no cap) or at least adaptive.min_rounds={self.min_rounds}")
 
 
+def _check_grid(values: list[float], low: float, high: float, field_name: str) -> None:
+    _check(bool(values) and all(low <= v <= high for v in values), field_name, values,
+           f"a non-empty list of numbers in [{low:g}, {high:g}]")
+
+
 @dataclass
 class CalibrateConfig:
     """`devft-calibrated`: the server picks β per stage on its calibration rows."""
@@ -96,12 +101,8 @@ class CalibrateConfig:
     The grid is every (β, γ) pair."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.betas) and all(0.0 <= b <= 1.0 for b in self.betas),
-               "calibrate.betas", self.betas, "a non-empty list of numbers in [0, 1]")
-        _check(bool(self.residual_exponents)
-               and all(0.0 <= g <= 2.0 for g in self.residual_exponents),
-               "calibrate.residual_exponents", self.residual_exponents,
-               "a non-empty list of numbers in [0, 2]")
+        _check_grid(self.betas, 0.0, 1.0, "calibrate.betas")
+        _check_grid(self.residual_exponents, 0.0, 2.0, "calibrate.residual_exponents")
 
 
 @dataclass

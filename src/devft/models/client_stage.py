@@ -36,7 +36,7 @@ from devft.models.stage_builder import (
     base_layout,
     build_stage,
 )
-from devft.models.submodel import StagePlan
+from devft.models.submodel import UNFUSED, StagePlan
 from devft.models.tensor_source import TensorSource, module_source
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def client_stage_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSettings
         source, source_key = shipped
         open_source: Callable[[], TensorSource] = lambda: source  # noqa: E731
         groups = [[n] for n in range(plan.num_layers)]  # the shipped layers are the stage's
-        beta, fusion, residual = 0.0, "differential", 0.0
+        beta, fusion, residual = UNFUSED
     else:
         if layout.needs_conversion:
             return _converted_family_model(cfg, plan, settings, lora_key)

@@ -27,6 +27,9 @@ from devft.models.families import Family, get_attr, set_attr
 from devft.models.loading import BaseModel
 from devft.models.lora import attach_lora
 
+UNFUSED: tuple[float, str, float] = (0.0, "differential", 0.0)
+"""(β, fusion, residual) of a plan without multi-layer groups: every layer is its own."""
+
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -65,7 +68,7 @@ class StagePlan:
         plan (its β and fusion change nothing), so equal submodels share one cache entry."""
         if any(len(g) > 1 for g in self.groups):
             return self.beta, self.fusion, self.residual
-        return 0.0, "differential", 0.0
+        return UNFUSED
 
 
 def _shared_copy(module: nn.Module, shared: dict[int, object]) -> nn.Module:
