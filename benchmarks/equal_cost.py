@@ -33,15 +33,18 @@ import numpy as np  # noqa: E402
 from common import int_list, run_script  # noqa: E402
 from equal_cost_report import (  # noqa: E402
     AXES,
+    Records,
     cost_ratios,
     early_stages,
+    markdown,
+    partial_summary,
     stage_breakdown,
     summarize,
     target_losses,
 )
 
 from devft.cli import setup_logging  # noqa: E402
-from devft.comparison import run_or_reuse  # noqa: E402
+from devft.comparison import run_or_reuse, saved_run  # noqa: E402
 from devft.config import RunConfig, load_config  # noqa: E402
 from devft.errors import ConfigError  # noqa: E402
 from devft.methods import METHODS  # noqa: E402
@@ -90,19 +93,39 @@ def staged_config(base: RunConfig, run_dir: Path, method: str, target: float,
                            "stop.max_rounds": max_rounds})
 
 
-def run_seed(base: RunConfig, run_dir: Path, methods: list[str],
-             max_rounds: int) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """FedIT to plateau, then every staged method to the target or the FLOPs budget."""
-    fedit_summary = run_or_reuse(fedit_config(base, run_dir))
-    runs = {"fedit": read_metrics(run_dir / "fedit")}
-    summaries = {"fedit": fedit_summary}
-    target = float(fedit_summary["final_eval_loss"])
-    budget = FLOPS_FACTOR * float(fedit_summary["total_client_flops"])
+def obtain(cfg: RunConfig, report_only: bool) -> tuple[dict[str, Any], Records] | None:
+    """(summary, round records) of cfg's run: run, reused or resumed; with report_only only
+    what is saved, an unfinished run's summary built from its rounds so far (stop reason
+    "unfinished"); None when nothing of it is saved."""
+    if not report_only:
+        summary = run_or_reuse(cfg)
+        return summary, read_metrics(cfg.output.dir)
+    summary, records = saved_run(cfg)
+    if summary is None:
+        if len(records) < 2:
+            return None
+        summary = partial_summary(records)
+    return summary, records
+
+
+def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int,
+             report_only: bool = False) -> tuple[dict[str, Any], dict[str, Records]] | None:
+    """FedIT to plateau, then every staged method to the target or the FLOPs budget (None:
+    report_only and no FedIT rounds saved; while FedIT is unfinished its target is
+    provisional and no staged run can match it yet)."""
+    got = obtain(fedit_config(base, run_dir), report_only)
+    if got is None:
+        return None
+    summaries, runs = {"fedit": got[0]}, {"fedit": got[1]}
+    target = float(got[0]["final_eval_loss"])
+    budget = FLOPS_FACTOR * float(got[0]["total_client_flops"])
     for m in methods:
-        summaries[m] = run_or_reuse(staged_config(base, run_dir, m, target, budget, max_rounds))
-        runs[m] = read_metrics(run_dir / m)
+        got = obtain(staged_config(base, run_dir, m, target, budget, max_rounds), report_only)
+        if got is not None:
+            summaries[m], runs[m] = got
     fedit, control = runs["fedit"], runs.get(CONTROL)
     entry: dict[str, Any] = {"target_eval_loss": target, "flops_budget": budget,
+                             "target_final": summaries["fedit"]["stop"]["reason"] != "unfinished",
                              "targets": target_losses(fedit), "methods": {}}
     for m, records in runs.items():
         s = summaries[m]
@@ -117,16 +140,19 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str],
     return entry, runs
 
 
-def mc_for(run_dir: Path, cfg: RunConfig, methods: list[str], limit: int) -> dict[str, Any]:
-    """MC accuracy of the final adapters (benchmarks/convergence.py's harness), cached."""
+def mc_for(run_dir: Path, cfg: RunConfig, methods: list[str], limit: int,
+           compute: bool = True) -> dict[str, Any]:
+    """MC accuracy of the final adapters (benchmarks/convergence.py's harness), cached; with
+    compute False only the cached ones."""
     from convergence import mc_accuracy
 
     out = {}
     for m in methods:
         path = run_dir / m / "mc_eval.json"
-        if not path.is_file():
+        if not path.is_file() and compute:
             path.write_text(json.dumps(mc_accuracy(run_dir / m, cfg, limit), indent=2))
-        out[m] = json.loads(path.read_text())
+        if path.is_file():
+            out[m] = json.loads(path.read_text())
     return out
 
 
@@ -139,7 +165,7 @@ def plot(curves: dict[str, dict[str, list[list[dict[str, Any]]]]], targets: dict
         label, scale = AXIS_LABELS[axis]
         fig, axes = plt.subplots(1, len(curves), figsize=(7 * len(curves), 4.5), squeeze=False)
         for ax, (model, methods) in zip(axes[0], curves.items()):
-            for method, seeds in methods.items():
+            for method, seeds in [(m, r) for m, r in methods.items() if r]:
                 n = min(len(r) for r in seeds)
                 xs = np.mean([[r[i][key] for i in range(n)] for r in seeds], axis=0) * scale
                 ys = np.array([[np.nan if r[i]["eval_loss"] is None else r[i]["eval_loss"]
@@ -176,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="items per MC task for --mc-methods' final adapters (study: 300)")
     ap.add_argument("--mc-methods", default="fedit,devft")
     ap.add_argument("--smoke", action="store_true", help="tiny budget (tests, tiny models)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: report every saved run of the study under --out, "
+                         "finished or not (a live study may be read)")
     ap.add_argument("--out", default="runs/bench/equal-cost")
     args = ap.parse_args(argv)
     setup_logging(verbose=False)
@@ -193,29 +222,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base = load_config(args.config, [*preset, *args.set, f"seed={seed}",
                                              f"model.path={model}"])
             run_dir = out / name / f"seed-{seed}"
-            entry, runs = run_seed(base, run_dir, methods, args.max_rounds)
-            if args.mc_limit:
-                mc = [m for m in args.mc_methods.split(",") if m in runs]
-                entry["mc"] = mc_for(run_dir, base, mc, args.mc_limit)
+            got = run_seed(base, run_dir, methods, args.max_rounds, args.report_only)
+            if got is None:
+                continue
+            entry, runs = got
+            finished = [m for m, e in entry["methods"].items()
+                        if e["stop"]["reason"] != "unfinished"]
+            if args.mc_limit or args.report_only:
+                mc = [m for m in args.mc_methods.split(",") if m in finished]
+                entry["mc"] = mc_for(run_dir, base, mc, args.mc_limit, not args.report_only)
             entry["seed"] = seed
             per_seed.append(entry)
             for m, records in runs.items():
                 curves[name][m].append(records)
+        if not per_seed:
+            del curves[name]
+            continue
         targets[name] = {k: float(np.mean([s["targets"][k] for s in per_seed]))
                          for k in per_seed[0]["targets"]}
         results["models"][name] = {
             "per_seed": per_seed,
             "summary": {m: summarize(per_seed, m) for m in ["fedit", *methods]}}
         (out / "equal_cost.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not results["models"]:
+        raise ConfigError("--out", str(out), "a directory holding the study's runs "
+                          "(--report-only found no FedIT rounds for these models and seeds)")
     results["plots"] = [str(p) for p in plot(curves, targets, out)]
     (out / "equal_cost.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "equal_cost.md").write_text(markdown(results))
     _print(results)
     return results
 
 
 def _print(results: dict[str, Any]) -> None:
     for model, r in results["models"].items():
-        for m, s in r["summary"].items():
+        for m, s in [(m, s) for m, s in r["summary"].items() if s["seeds"]]:
             hit = s["ratios"].get("100%", {}).get("flops_ratio", {})
             mean = hit.get("mean")
             print(f"{model:24s} {m:18s} final loss {s['final_eval_loss']['mean']:.4f} "

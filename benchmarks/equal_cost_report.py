@@ -137,3 +137,81 @@ def summarize(per_seed: list[dict[str, Any]], method: str) -> dict[str, Any]:
                                                for e in entries])
         out["early_flops_ratio"] = spread([e["early"]["early_flops_ratio"] for e in entries])
     return out
+
+
+def partial_summary(records: Records) -> dict[str, Any]:
+    """An unfinished run's summary from its rounds so far (stop reason "unfinished")."""
+    last = records[-1]
+    return {"rounds": last["round"], "initial_eval_loss": loss(records[0]),
+            "final_eval_loss": loss(last), "total_client_flops": last.get("cum_client_flops", 0),
+            "total_bytes": last.get("cum_bytes", 0), "wall_time_s": last.get("wall_time_s", 0),
+            "stop": {"reason": "unfinished"}}
+
+
+def _cell(s: dict[str, Any], digits: int = 2, unit: str = "×") -> str:
+    """"mean ± std (reached/of)" of a spread; "not reached (0/n)" when no seed reached."""
+    if s.get("mean") is None:
+        return f"not reached (0/{s.get('of', 0)})"
+    return f"{s['mean']:.{digits}f}{unit} ± {s['std']:.{digits}f} ({s['reached']}/{s['of']})"
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return "–" if not isinstance(value, (int, float)) or not math.isfinite(value) \
+        else f"{value:.{digits}f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The study's tables in Markdown: cost-to-target ratios with spread over seeds, then per
+    seed the stages' costs and the early-stage comparison. Unfinished runs are marked."""
+    lines = ["# Equal-cost study: tables", "",
+             "Ratios are a method's cost to reach the target over FedIT's (< 1: cheaper), mean"
+             " ± std over the seeds that reached it (reached/of). `*`: a run not finished yet"
+             " (its numbers are its rounds so far).", ""]
+    for model, r in results["models"].items():
+        seeds = r["per_seed"]
+        provisional = [str(s["seed"]) for s in seeds if not s.get("target_final", True)]
+        lines += [f"## {model}", "", "FedIT's plateau loss (the target) per seed: " + ", ".join(
+            f"seed {s['seed']} {s['target_eval_loss']:.3f}" for s in seeds)
+            + (f" (provisional, FedIT unfinished: seed {', '.join(provisional)})"
+               if provisional else ""), "",
+            "| method | seeds | final loss | FLOPs to 50 % | FLOPs to 90 % | FLOPs to 100 % "
+            "| bytes to 100 % | time to 100 % | stop |", "|---" * 9 + "|"]
+        for m, s in r["summary"].items():
+            if not s["seeds"]:
+                continue
+            star = "*" if "unfinished" in s["stop_reasons"] else ""
+            rat = s["ratios"]
+            lines.append(f"| {m}{star} | {s['seeds']} | {_cell(s['final_eval_loss'], 3, '')} | "
+                         + " | ".join(_cell(rat[t]["flops_ratio"]) for t in ("50%", "90%",
+                                                                             "100%"))
+                         + f" | {_cell(rat['100%']['bytes_ratio'])} | "
+                         f"{_cell(rat['100%']['time_ratio'])} | {', '.join(s['stop_reasons'])} |")
+        lines += ["", "Per stage (FLOPs as a share of FedIT's total on the same seed):", "",
+                  "| method | seed | stage | layers | rounds | FLOPs | MB | loss at its end |",
+                  "|---" * 8 + "|"]
+        for s in seeds:
+            total = s["methods"]["fedit"]["total_client_flops"] or 1
+            for m, e in s["methods"].items():
+                star = "*" if e["stop"]["reason"] == "unfinished" else ""
+                for st in e["stages"]:
+                    lines.append(f"| {m}{star} | {s['seed']} | {st['stage']} | {st['layers']} | "
+                                 f"{st['rounds']} | {st['flops'] / total:.3f} | "
+                                 f"{st['bytes'] / 1e6:.0f} | {_num(st['loss_reached'])} |")
+        lines += ["", "Did the early stages buy anything? Full-model loss when the last stage"
+                  " starts, and after k of its rounds; FedIT after k rounds from scratch;"
+                  " control = `devft-notransfer` after k of its last stage:", "",
+                  "| method | seed | start loss | early FLOPs / FedIT's to that loss | "
+                  "k = 1 | k = 2 | k = 4 | k = 8 |", "|---" * 8 + "|"]
+        for s in seeds:
+            for m, e in s["methods"].items():
+                if "early" not in e:
+                    continue
+                ea = e["early"]
+                ks = [ea["after_k_last_stage_rounds"].get(k) or
+                      ea["after_k_last_stage_rounds"].get(str(k), {}) for k in LAST_STAGE_ROUNDS]
+                lines.append(f"| {m} | {s['seed']} | {_num(ea['last_stage_start_loss'])} | "
+                             f"{_num(ea['early_flops_ratio'], 2)} | " + " | ".join(
+                                 f"{_num(k.get('loss'))} (FedIT {_num(k.get('fedit'))}, "
+                                 f"control {_num(k.get('control'))})" for k in ks) + " |")
+        lines.append("")
+    return "\n".join(lines)

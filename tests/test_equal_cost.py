@@ -85,3 +85,36 @@ def test_smoke_study_runs_end_to_end_and_reuses_its_runs(tiny_model_dir, tiny_da
     equal_cost.main(argv)  # finished runs are reused, not rerun
     assert (tmp_path / Path(tiny_model_dir).name / "seed-0" / "devft" / "summary.json"
             ).stat().st_mtime_ns == stamp
+    _report_only_reads_saved_runs_and_marks_unfinished(argv, tmp_path, tiny_model_dir)
+
+
+def _report_only_reads_saved_runs_and_marks_unfinished(argv, tmp_path, tiny_model_dir):
+    """--report-only runs nothing: the same numbers from the saved runs; a run whose summary
+    is gone (cut off) is reported from its rounds so far, marked unfinished."""
+    seed0 = tmp_path / Path(tiny_model_dir).name / "seed-0"
+    full = json.loads((tmp_path / "equal_cost.json").read_text())
+    (seed0 / "progfed" / "summary.json").unlink()
+    (seed0 / "devft-notransfer" / "config.json").unlink()  # no run of this config: left out
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.jsonl")}
+    report = equal_cost.main([*argv, "--report-only"])
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.jsonl")} == stamps
+    model, before = (r["models"][Path(tiny_model_dir).name] for r in (report, full))
+    entry = model["per_seed"][0]
+    assert entry["target_final"] and set(entry["methods"]) == {"fedit", "devft", "progfed"}
+    same = {k: v for k, v in entry["methods"]["devft"].items() if k != "early"}
+    assert same == {k: v for k, v in before["per_seed"][0]["methods"]["devft"].items()
+                    if k != "early"}
+    assert entry["methods"]["devft"]["early"]["after_k_last_stage_rounds"][1]["control"] is None
+    cut = entry["methods"]["progfed"]
+    assert cut["stop"] == {"reason": "unfinished"}
+    assert cut["final_eval_loss"] == before["per_seed"][0]["methods"]["progfed"]["final_eval_loss"]
+    assert model["summary"]["devft-notransfer"]["seeds"] == 1
+    table = (tmp_path / "equal_cost.md").read_text()
+    assert "| progfed* | 2 |" in table and "| devft | 2 |" in table
+    assert "| devft-notransfer | 1 |" in table
+
+
+def test_report_only_without_runs_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--out"):
+        equal_cost.main(["--report-only", "--smoke", "--models", str(tiny_model_dir),
+                         "--seeds", "0", "--methods", "devft", "--out", str(tmp_path)])

@@ -17,7 +17,7 @@ from devft.lock import output_lock
 from devft.methods import METHOD_NAMES
 from devft.reporting.compare import against_baseline
 from devft.reporting.plots import plot_comparison
-from devft.reporting.recorder import SUMMARY_FILE, read_metrics
+from devft.reporting.recorder import METRICS_FILE, SUMMARY_FILE, read_metrics
 
 BASELINE = "fedit"
 log = logging.getLogger(__name__)
@@ -110,6 +110,19 @@ def _finished(run_cfg: RunConfig) -> dict[str, Any] | None:
         log.info("%s: reusing the finished run in %s", run_cfg.method, run_cfg.output.dir)
         return read_json_object(summary, ("rounds", "final_eval_loss"))
     return None
+
+
+def saved_run(run_cfg: RunConfig) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(summary or None while unfinished, round records so far) of the run of exactly this
+    config saved in its output dir, without running or locking anything (a report may read
+    a live run: a half-written last line is dropped); (None, []) when there is none."""
+    out = Path(run_cfg.output.dir)
+    if not _same_config(run_cfg):
+        return None, []
+    summary = out / SUMMARY_FILE
+    records = read_metrics(out) if (out / METRICS_FILE).is_file() else []
+    return (read_json_object(summary, ("rounds", "final_eval_loss"))
+            if summary.is_file() else None), records
 
 
 def _maybe_resume(run_cfg: RunConfig) -> RunConfig:
