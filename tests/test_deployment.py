@@ -3,7 +3,9 @@
 TLS uses a CA and server certificate generated here; SuperNode authentication is on, so
 only SuperNodes whose public keys were registered with `flwr supernode register` may join.
 Each SuperNode picks its data partition from `--node-config "partition-id=I
-num-partitions=2"`. The run is submitted with `flwr run <app> <connection> --run-config`.
+num-partitions=2"`; the second also names its own data shard (`data-shard=...`, cut by
+`devft shard`), so it never loads the whole data set. The run is submitted with
+`flwr run <app> <connection> --run-config`.
 docs/deployment.md describes the same commands for separate machines.
 """
 
@@ -23,7 +25,8 @@ from deployment.cluster import (
 from deployment.pki import make_node_keys, make_server_certs
 from safetensors.torch import load_file
 
-from devft.config import load_config
+from devft.config import DataConfig, load_config
+from devft.data import SHARD_NODE_KEY, write_client_shards
 from devft.federation.runner import run_method
 from devft.reporting.recorder import read_metrics
 
@@ -33,6 +36,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 NODES = 2
+EVAL_EXAMPLES = 4  # the run's data.eval_examples: node 1's shard is cut with it
 RUN_TIMEOUT_S = 300  # typically ~60-100 s on a 2-core CPU; generous for loaded CI machines
 
 # The base config the run's `config-file` points at (settings the run does not override).
@@ -45,9 +49,13 @@ train: {batch_size: 2, lr: 0.01, threads: 1}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """SuperLink (TLS, SuperNode auth) + two registered, connected SuperNodes."""
+def cluster(tmp_path_factory, tiny_data_file):
+    """SuperLink (TLS, SuperNode auth) + two registered, connected SuperNodes; node 1 reads
+    its own shard of the tiny data (the run's data settings, seed 0)."""
     root = tmp_path_factory.mktemp("deployment")
+    shard = write_client_shards(DataConfig(name=str(tiny_data_file),
+                                           eval_examples=EVAL_EXAMPLES), NODES, 0,
+                                root / "shards")[1]
     cluster = Cluster(root, make_server_certs(root / "certs"))
     try:
         cluster.start_superlink()
@@ -55,9 +63,10 @@ def cluster(tmp_path_factory):
         for i in range(NODES):
             keys = make_node_keys(root / "keys", f"supernode-{i}")
             node_id = cluster.register(keys)
-            service = cluster.start_supernode(
-                f"supernode-{i}", f"partition-id={i} num-partitions={NODES}", keys
-            )
+            node_config = f"partition-id={i} num-partitions={NODES}"
+            if i == 1:
+                node_config += f" {SHARD_NODE_KEY}='{shard}'"
+            service = cluster.start_supernode(f"supernode-{i}", node_config, keys)
             nodes.append((node_id, service))
         for node_id, service in nodes:
             service.wait_for_log(rf"SuperNode ID: {node_id}\b", timeout=60)
@@ -94,7 +103,7 @@ def test_devft_runs_two_stages_through_flwr_run(cluster, tiny_model_dir, tiny_da
         "output.dir": str(out),
         "output.progress": False,
         "train.local_steps": 1,
-        "data.eval_examples": 4,
+        "data.eval_examples": EVAL_EXAMPLES,
     }
     # [tool.flwr.app.config] must declare every key that --run-config overrides
     placeholders = {k: "" if isinstance(v, str) else v for k, v in overrides.items()}
@@ -131,7 +140,8 @@ def test_devft_runs_two_stages_through_flwr_run(cluster, tiny_model_dir, tiny_da
         assert log.count("Receiving: train message") == 2, log
 
     # Same config in process: the same model, so each SuperNode trained the partition its
-    # node config named (a wrong or shared partition would change the result).
+    # node config named, node 1 from its shard (a wrong or shared partition would change the
+    # result).
     local = run_method(
         load_config(
             base,

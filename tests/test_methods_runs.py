@@ -61,7 +61,7 @@ def test_flora_exported_adapter_reproduces_the_merged_model(method_runs, tiny_mo
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                       out / "adapter").eval()
     data = federated_data(cfg.data, CLIENTS, cfg.seed)
-    batches = heldout_batches(data, load_base_model(cfg.model).tokenizer, cfg.data)
+    batches = heldout_batches(data.eval_records(), load_base_model(cfg.model).tokenizer, cfg.data)
     assert heldout_loss(model, batches) == pytest.approx(summary["final_eval_loss"], abs=1e-4)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == CLIENTS * 8 * summary["rounds"]  # every round's stack, exactly

@@ -5,7 +5,7 @@ import torch
 from flwr.app import RecordDict
 from test_federation_run import CLIENTS, ROUNDS, tiny_cfg
 
-from devft.data import collate, encode, federated_data
+from devft.data import client_shard, collate, encode, federated_data
 from devft.federation.runner import run_method
 from devft.models.loading import load_base_model
 from devft.models.lora import get_lora_state, set_lora_state
@@ -120,6 +120,7 @@ def test_client_round_loads_the_generated_lora_and_uploads_the_hypernetwork(setu
         round=1,
         config={},
         store=ClientStore(RecordDict()),
+        data=client_shard(cfg.data, CLIENTS, cfg.seed, 1),
     )
     set_lora_state(model, client.begin(received, env, get_lora_state(model)))
     result = client.local_update(model, _batches(cfg, base), env, default=None)
@@ -139,7 +140,7 @@ def test_client_descriptor_is_its_category_histogram(setup):
     cfg, _, _ = setup
     data = federated_data(cfg.data, CLIENTS, cfg.seed)
     for partition in range(CLIENTS):
-        hist = client_descriptor(cfg, partition)
+        hist = client_descriptor(client_shard(cfg.data, CLIENTS, cfg.seed, partition))
         assert hist.shape == (3,) and float(hist.sum()) == pytest.approx(1.0)
         cats = [data.records[i].category for i in data.partitions[partition]]
         assert float(hist[0]) == pytest.approx(cats.count("color") / len(cats))  # sorted names

@@ -1,4 +1,5 @@
-"""Command line: `devft run`, `devft compare`, `devft eval`, `devft generate`. Owns all
+"""Command line: `devft run`, `devft compare`, `devft eval`, `devft generate`, `devft
+shard`. Owns all
 printing; user mistakes exit 2 with one clear message and no stack trace, and a run that
 stops because its clients keep failing exits 3 (`RunStalledError`)."""
 
@@ -48,7 +49,8 @@ def setup_logging(verbose: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="devft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("run", "run one method"), ("compare", "run methods side by side")):
+    for name, help_ in (("run", "run one method"), ("compare", "run methods side by side"),
+                        ("shard", "write each client's own data for its SuperNode")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML config (default: built-in defaults)")
         p.add_argument(
@@ -58,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set federation.num_clients=8",
         )
-        p.add_argument("--out", help="output directory (required unless --resume)")
+        p.add_argument("--out", help="output directory (required unless --resume)"
+                       if name != "shard" else "directory for client-<k>.json")
         p.add_argument("-v", "--verbose", action="store_true")
     sub.choices["run"].add_argument("--method", help="shortcut for --set method=NAME")
     sub.choices["run"].add_argument("--resume", metavar="DIR",
@@ -112,6 +115,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "run" and args.method:
             overrides.append(f"method={args.method}")
         cfg = load_config(args.config, overrides)
+    if args.command == "shard":
+        return _shard(cfg, args.out)
     if args.command == "run":
         from devft.federation.runner import run_method
 
@@ -129,6 +134,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     comparison = compare_methods(cfg, methods, Path(args.out))
     _console().print(comparison_table(comparison))
     _console().print(f"comparison.json and comparison.png in {args.out}")
+    return 0
+
+
+def _shard(cfg, out: str) -> int:
+    """Cut each client's shard and say how a SuperNode uses it."""
+    from devft.data import SHARD_NODE_KEY, write_client_shards
+
+    paths = write_client_shards(cfg.data, cfg.federation.num_clients, cfg.seed, out)
+    for k, path in enumerate(paths):
+        print(f"client {k}: {path} ({path.stat().st_size / 1e6:.1f} MB); its SuperNode's "
+              f"--node-config \"partition-id={k} num-partitions={len(paths)} "
+              f"{SHARD_NODE_KEY}='{path.resolve()}'\"")
     return 0
 
 

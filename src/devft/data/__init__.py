@@ -9,11 +9,17 @@
 - `partition`: IID / Dirichlet client partitions (flwr-datasets partitioners).
 - `formatting`: chat-template tokenization with response-only labels, and collation.
 - `federated`: `FederatedData`, the per-run bundle of all of the above.
+- `shards`: `ClientShard`, one client's own rows, cut once (`devft shard`) for its node.
 
 Heavy dependencies (datasets, flwr-datasets, torch) are imported only when used.
 """
 
-from devft.data.federated import FederatedData, federated_data
+from devft.data.federated import (
+    FederatedData,
+    client_shard,
+    federated_data,
+    write_client_shards,
+)
 from devft.data.formatting import (
     IGNORE_INDEX,
     PLAIN_TEMPLATE,
@@ -27,6 +33,7 @@ from devft.data.formatting import (
 )
 from devft.data.partition import PARTITION_SCHEMES, partition_indices
 from devft.data.records import BUNDLED_DATASETS, Record, load_records
+from devft.data.shards import SHARD_NODE_KEY, ClientShard, read_shard, shard_key, write_shard
 from devft.data.sharegpt import sharegpt_records
 from devft.data.splits import heldout_split, stratified_sample
 from devft.data.tasks import (
@@ -41,16 +48,19 @@ from devft.data.tasks import (
 
 __all__ = [
     "BUNDLED_DATASETS",
+    "SHARD_NODE_KEY",
     "IGNORE_INDEX",
     "MC_TASKS",
     "PARTITION_SCHEMES",
     "PLAIN_TEMPLATE",
     "TRAIN_TASKS",
     "UNSEEN_TASKS",
+    "ClientShard",
     "Encoded",
     "FederatedData",
     "MCItem",
     "Record",
+    "client_shard",
     "collate",
     "encode",
     "federated_data",
@@ -62,8 +72,12 @@ __all__ = [
     "prompt_ids",
     "prompt_messages",
     "prompt_text",
+    "read_shard",
+    "shard_key",
     "sharegpt_records",
     "stratified_sample",
     "task_records",
     "unseen_task_records",
+    "write_client_shards",
+    "write_shard",
 ]

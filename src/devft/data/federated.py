@@ -9,12 +9,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from devft.config import DataConfig
 from devft.data.partition import partition_indices
 from devft.data.records import BUNDLED_DATASETS, Record, load_records
-from devft.data.splits import heldout_split, seed_key, stratified_sample
+from devft.data.shards import ClientShard, draw_batches, read_shard, shard_key, write_shard
+from devft.data.splits import heldout_split, stratified_sample
 
 log = logging.getLogger(__name__)
 
@@ -97,22 +96,20 @@ class FederatedData:
     def client_batches(
         self, client: int, round: int, steps: int, batch_size: int, seed: int
     ) -> list[list[Record]]:
-        """`steps` batches of `batch_size` records from the client's partition.
-
-        Deterministic for (seed, client, round); rows are drawn without replacement within the
-        round when the partition holds at least steps * batch_size rows, with replacement
-        otherwise.
-        """
+        """`steps` batches of `batch_size` records from the client's partition
+        (`draw_batches`: deterministic for (seed, client, round))."""
         if not 0 <= client < self.num_clients:
             raise IndexError(f"client {client} out of range (0..{self.num_clients - 1})")
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
-        part = self.partitions[client]
-        need = steps * batch_size
-        rng = np.random.default_rng([seed_key(seed), client, seed_key(round)])
-        picks = rng.choice(len(part), size=need, replace=len(part) < need)
-        rows = [self.records[part[j]] for j in picks.tolist()]
-        return [rows[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+        return draw_batches(self.select(self.partitions[client]), client, round, steps,
+                            batch_size, seed)
+
+    def shard(self, client: int, key: dict[str, Any]) -> ClientShard:
+        """The client's own data (`devft.data.shards`), cut with the run's `key`."""
+        if not 0 <= client < self.num_clients:
+            raise IndexError(f"client {client} out of range (0..{self.num_clients - 1})")
+        categories = sorted({r.category for r in self.records})
+        return ClientShard(client, self.select(self.partitions[client]), self.eval_records(),
+                           categories, key)
 
     def partition_summary(self) -> list[dict[str, Any]]:
         """Per client: its size and how many rows of each category it holds."""
@@ -127,8 +124,10 @@ class FederatedData:
 
 def _source_key(name: str) -> tuple[Any, ...]:
     """Bundled name, or a user file's resolved path + mtime + size (edits invalidate)."""
-    if name in BUNDLED_DATASETS:
-        return (name,)
+    return (name,) if name in BUNDLED_DATASETS else _file_stamp(name)
+
+
+def _file_stamp(name: str) -> tuple[Any, ...]:
     path = Path(name).expanduser()
     try:
         stat = path.stat()
@@ -137,9 +136,9 @@ def _source_key(name: str) -> tuple[Any, ...]:
         return (name,)
 
 
-def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
-    """`FederatedData.build`, cached per process on the config fields it depends on."""
-    key = (
+def _data_key(cfg: DataConfig, num_clients: int, seed: int) -> tuple[Any, ...]:
+    """The config fields `FederatedData.build` depends on (with a user file's stamp)."""
+    return (
         _source_key(cfg.name),
         float(cfg.heldout_fraction),
         int(cfg.eval_examples),
@@ -148,7 +147,11 @@ def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
         int(num_clients),
         int(seed),
     )
-    return _cached_build(key, cfg.name)
+
+
+def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
+    """`FederatedData.build`, cached per process on the config fields it depends on."""
+    return _cached_build(_data_key(cfg, num_clients, seed), cfg.name)
 
 
 @lru_cache(maxsize=8)
@@ -162,3 +165,30 @@ def _cached_build(key: tuple[Any, ...], name: str) -> FederatedData:
         dirichlet_alpha=alpha,
     )
     return FederatedData.build(cfg, num_clients, seed)
+
+
+def client_shard(cfg: DataConfig, num_clients: int, seed: int, partition: int,
+                 shard_path: str | None = None) -> ClientShard:
+    """A client's own data: read from its shard file when the node names one (nothing else
+    of the data set is loaded), else cut from the run's `federated_data`. A shard file is
+    read once per process (cached on its path, size and mtime)."""
+    key = shard_key(cfg, num_clients, seed)
+    if shard_path:
+        return _cached_shard_file(_file_stamp(shard_path), tuple(key.items()), partition)
+    return federated_data(cfg, num_clients, seed).shard(partition, key)  # ms: not cached
+
+
+@lru_cache(maxsize=4)
+def _cached_shard_file(stamp: tuple[Any, ...], key: tuple[Any, ...],
+                       partition: int) -> ClientShard:
+    return read_shard(stamp[0], dict(key), partition)  # stamp[0]: the path
+
+
+def write_client_shards(cfg: DataConfig, num_clients: int, seed: int,
+                        out_dir: str | Path) -> list[Path]:
+    """`devft shard`: every client's shard, as out_dir/client-<k>.json."""
+    data, key = federated_data(cfg, num_clients, seed), shard_key(cfg, num_clients, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [write_shard(data.shard(k, key), out / f"client-{k}.json")
+            for k in range(data.num_clients)]

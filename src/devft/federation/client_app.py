@@ -6,7 +6,8 @@ tensor from the base's memory-mapped safetensors files (or from the base this pr
 already holds, in the in-process grid), so dense weights never cross the wire; one stage is
 held at a time. With `model.ship_layers` the server sends the fused layers instead. Rules
 that change the base (FLoRA merges into it) load the full base, as before. Its data
-partition is `partition-id` of its node config. What the rule keeps between rounds
+partition is `partition-id` of its node config; a node whose config names a `data-shard`
+file (`devft shard`) reads only that, never the whole data set. What the rule keeps between rounds
 (FedSA-LoRA's B, FFA-LoRA's A) lives in the node's `context.state`.
 """
 
@@ -21,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from devft.config import LoraSettings, RunConfig, from_run_config
 from devft.core.frozen import drop_layers, fill_frozen, in_layers
-from devft.data import collate, encode, federated_data
+from devft.data import SHARD_NODE_KEY, client_shard, collate, encode
 from devft.errors import ConfigError
 from devft.federation.shipping import shipped_source
 from devft.federation.wire import from_array_record, plan_from_config, to_array_record
@@ -50,10 +51,13 @@ def _env(cfg: RunConfig, rule: Rule, plan: StagePlan, msg: Message,
                           "every client must split the data the same way")
     layout = client_layout(cfg.model)
     config = dict(msg.content["config"])
+    partition = int(context.node_config["partition-id"])
+    data = client_shard(cfg.data, cfg.federation.num_clients, cfg.seed, partition,
+                        context.node_config.get(SHARD_NODE_KEY))
     env = ClientEnv(cfg=cfg, plan=plan, prefix=layout.family.lora_prefix(),
-                    partition=int(context.node_config["partition-id"]),
-                    round=int(config["global-round"]), config=config,
-                    store=ClientStore(context.state), extra={"depth": layout.depth})
+                    partition=partition, round=int(config["global-round"]), config=config,
+                    store=ClientStore(context.state), data=data,
+                    extra={"depth": layout.depth})
     return env, layout
 
 
@@ -87,11 +91,10 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                                       env.prefix))
     set_trainable(model, lambda k: rule.trainable(k) and not in_layers(k, frozen, env.prefix))
     set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
-    data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
     batches = [
         collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)
-        for records in data.client_batches(env.partition, env.round, cfg.train.local_steps,
-                                           cfg.train.batch_size, cfg.seed)
+        for records in env.data.batches(env.round, cfg.train.local_steps,
+                                        cfg.train.batch_size, cfg.seed)
     ]
     inner = model.base_model.model
 
@@ -105,7 +108,7 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
     result = rule.local_update(model, batches, env, default_update)
     metrics = MetricRecord({  # num-examples: FedAvg's weight n_k, the partition's size
-        "num-examples": len(data.partitions[env.partition]),
+        "num-examples": env.data.size,
         "examples-processed": result.examples, "train-loss": result.mean_loss,
         "steps": result.steps,
         "tokens": result.tokens, "flops": result.flops_est, "train-time-s": result.train_time_s,
@@ -129,10 +132,9 @@ def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     lora = rule.personal_lora(from_array_record(msg.content["arrays"]), env,
                               get_lora_state(model))
     set_lora_state(model, lora)
-    data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
-    loss = heldout_loss(model, heldout_batches(data, tok, cfg.data),
+    loss = heldout_loss(model, heldout_batches(env.data.eval_rows, tok, cfg.data),
                         cfg.train.precision)
-    metrics = MetricRecord({"eval-loss": loss, "num-examples": len(data.eval_indices)})
+    metrics = MetricRecord({"eval-loss": loss, "num-examples": len(env.data.eval_rows)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -60,7 +60,7 @@ class GlobalModel:
         self.stage_report: dict[str, Any] = {}
         """Adapter norms, fusion cross term, fresh and clamped groups of the last plan_stage."""
         tok, max_len = self.base.tokenizer, cfg.data.max_seq_len
-        self.eval_batches = heldout_batches(self.data, tok, cfg.data)
+        self.eval_batches = heldout_batches(self.data.eval_records(), tok, cfg.data)
         calib = self.data.calibration_indices(cfg.devft.calibration_examples)
         self.calibration = collate(
             [encode(self.data.records[i], tok, max_len) for i in calib], tok.pad_token_id

@@ -61,6 +61,8 @@ class ClientEnv:
     round: int
     config: dict[str, Any]
     store: ClientStore
+    data: Any = None
+    """The client's own data (`devft.data.ClientShard`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

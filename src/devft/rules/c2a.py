@@ -153,12 +153,12 @@ def categories(cfg: Any) -> tuple[Any, list[str]]:
     return data, sorted({r.category for r in data.records})
 
 
-def client_descriptor(cfg: Any, partition: int) -> Tensor:
-    """The client's category histogram over its whole partition (our reading: C2A uses the
-    batch's label distribution; instruction data has categories, not labels)."""
-    data, names = categories(cfg)
-    counts = Counter(data.records[i].category for i in data.partitions[partition])
-    hist = torch.tensor([float(counts[n]) for n in names])
+def client_descriptor(shard: Any) -> Tensor:
+    """The client's category histogram over its whole partition (`shard`, a ClientShard; our
+    reading: C2A uses the batch's label distribution; instruction data has categories, not
+    labels)."""
+    counts = Counter(r.category for r in shard.rows)
+    hist = torch.tensor([float(counts[n]) for n in shard.categories])
     return hist / hist.sum().clamp_min(1.0)
 
 
@@ -187,12 +187,13 @@ class C2A(Rule):
         self.net: HyperLoRA | None = None
         self.descriptor = torch.ones(1)
 
-    def build(self, template: StateDict) -> HyperLoRA:
-        """A hypernetwork for `template`'s LoRA keys, seeded from cfg.seed."""
-        _, names = categories(self.cfg)
-        return HyperLoRA(
-            template, len(names), self.cfg.c2a.embed_dim, self.cfg.c2a.hidden_dim, self.cfg.seed
-        )
+    def build(self, template: StateDict, num_categories: int | None = None) -> HyperLoRA:
+        """A hypernetwork for `template`'s LoRA keys, seeded from cfg.seed (the server counts
+        the data set's categories; a client takes its shard's count)."""
+        if num_categories is None:
+            num_categories = len(categories(self.cfg)[1])
+        return HyperLoRA(template, num_categories, self.cfg.c2a.embed_dim,
+                         self.cfg.c2a.hidden_dim, self.cfg.seed)
 
     # ---- server half ---------------------------------------------------------------------
     def start_stage(self, sub_lora: StateDict, plan: Any) -> None:
@@ -245,9 +246,9 @@ class C2A(Rule):
 
     # ---- client half ---------------------------------------------------------------------
     def begin(self, received: StateDict, env: ClientEnv, template: StateDict) -> StateDict:
-        net = self.build(template)
+        net = self.build(template, len(env.data.categories))
         net.load_state_dict(from_wire(received))
-        descriptor = client_descriptor(self.cfg, env.partition)
+        descriptor = client_descriptor(env.data)
         env.extra["c2a"] = (net, descriptor)
         return generate(net, descriptor)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,9 +26,10 @@ def heldout_loss(
     return total / count if count else math.nan
 
 
-def heldout_batches(data, tokenizer, cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
-    """The fixed evaluation batches of a run: `data.eval_indices`, length-sorted."""
+def heldout_batches(records: Sequence[Any], tokenizer,
+                    cfg: DataConfig) -> list[dict[str, torch.Tensor]]:
+    """The fixed evaluation batches of a run (its eval records), length-sorted."""
     from devft.data import encode, length_sorted_batches
 
-    encoded = [encode(data.records[i], tokenizer, cfg.max_seq_len) for i in data.eval_indices]
+    encoded = [encode(r, tokenizer, cfg.max_seq_len) for r in records]
     return length_sorted_batches(encoded, cfg.eval_batch_size, tokenizer.pad_token_id)
