@@ -25,9 +25,10 @@ from deployment.cluster import (
 from deployment.pki import make_node_keys, make_server_certs
 from safetensors.torch import load_file
 
-from devft.config import DataConfig, load_config
+from devft.config import DataConfig, ModelConfig, load_config
 from devft.data import SHARD_NODE_KEY, write_client_shards
 from devft.federation.runner import run_method
+from devft.models.client_stage import client_tokenizer, tokenizer_digest
 from devft.reporting.recorder import read_metrics
 
 pytestmark = pytest.mark.skipif(
@@ -36,26 +37,28 @@ pytestmark = pytest.mark.skipif(
 )
 
 NODES = 2
-EVAL_EXAMPLES = 4  # the run's data.eval_examples: node 1's shard is cut with it
+EVAL_EXAMPLES, MAX_SEQ_LEN = 4, 64  # the run's data settings: node 1's shard is cut with them
 RUN_TIMEOUT_S = 300  # typically ~60-100 s on a 2-core CPU; generous for loaded CI machines
 
 # The base config the run's `config-file` points at (settings the run does not override).
-BASE_YAML = """\
+BASE_YAML = f"""\
 seed: 0
-lora: {r: 8, alpha: 16}
-data: {max_seq_len: 64, eval_batch_size: 4}
-train: {batch_size: 2, lr: 0.01, threads: 1}
+data: {{max_seq_len: {MAX_SEQ_LEN}, eval_batch_size: 4}}
+lora: {{r: 8, alpha: 16}}
+train: {{batch_size: 2, lr: 0.01, threads: 1}}
 """
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_data_file):
+def cluster(tmp_path_factory, tiny_data_file, tiny_model_dir):
     """SuperLink (TLS, SuperNode auth) + two registered, connected SuperNodes; node 1 reads
-    its own shard of the tiny data (the run's data settings, seed 0)."""
+    its own shard of the tiny data with its token ids (the run's data settings, seed 0)."""
     root = tmp_path_factory.mktemp("deployment")
-    shard = write_client_shards(DataConfig(name=str(tiny_data_file),
-                                           eval_examples=EVAL_EXAMPLES), NODES, 0,
-                                root / "shards")[1]
+    model = ModelConfig(path=str(tiny_model_dir))
+    data = DataConfig(name=str(tiny_data_file), eval_examples=EVAL_EXAMPLES,
+                      max_seq_len=MAX_SEQ_LEN)
+    shard = write_client_shards(data, NODES, 0, root / "shards", client_tokenizer(model),
+                                tokenizer_digest(model))[1]
     cluster = Cluster(root, make_server_certs(root / "certs"))
     try:
         cluster.start_superlink()

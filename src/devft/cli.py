@@ -138,10 +138,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _shard(cfg, out: str) -> int:
-    """Cut each client's shard and say how a SuperNode uses it."""
+    """Cut each client's shard (rows and their token ids for the run's model) and say how a
+    SuperNode uses it."""
     from devft.data import SHARD_NODE_KEY, write_client_shards
+    from devft.models.client_stage import client_tokenizer, tokenizer_digest
 
-    paths = write_client_shards(cfg.data, cfg.federation.num_clients, cfg.seed, out)
+    paths = write_client_shards(cfg.data, cfg.federation.num_clients, cfg.seed, out,
+                                client_tokenizer(cfg.model), tokenizer_digest(cfg.model))
     for k, path in enumerate(paths):
         print(f"client {k}: {path} ({path.stat().st_size / 1e6:.1f} MB); its SuperNode's "
               f"--node-config \"partition-id={k} num-partitions={len(paths)} "

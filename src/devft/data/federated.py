@@ -12,7 +12,14 @@ from typing import Any
 from devft.config import DataConfig
 from devft.data.partition import partition_indices
 from devft.data.records import BUNDLED_DATASETS, Record, load_records
-from devft.data.shards import ClientShard, draw_batches, read_shard, shard_key, write_shard
+from devft.data.shards import (
+    ClientShard,
+    draw_batches,
+    encode_shard,
+    read_shard,
+    shard_key,
+    write_shard,
+)
 from devft.data.splits import heldout_split, stratified_sample
 
 log = logging.getLogger(__name__)
@@ -184,11 +191,17 @@ def _cached_shard_file(stamp: tuple[Any, ...], key: tuple[Any, ...],
     return read_shard(stamp[0], dict(key), partition)  # stamp[0]: the path
 
 
-def write_client_shards(cfg: DataConfig, num_clients: int, seed: int,
-                        out_dir: str | Path) -> list[Path]:
-    """`devft shard`: every client's shard, as out_dir/client-<k>.json."""
+def write_client_shards(cfg: DataConfig, num_clients: int, seed: int, out_dir: str | Path,
+                        tokenizer: Any = None, tokenizer_sha256: str = "") -> list[Path]:
+    """`devft shard`: every client's shard, as out_dir/client-<k>.json; with a tokenizer,
+    also every row's token ids at `cfg.max_seq_len`."""
     data, key = federated_data(cfg, num_clients, seed), shard_key(cfg, num_clients, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [write_shard(data.shard(k, key), out / f"client-{k}.json")
-            for k in range(data.num_clients)]
+    paths = []
+    for k in range(data.num_clients):
+        shard = data.shard(k, key)
+        if tokenizer is not None:
+            encode_shard(shard, tokenizer, cfg.max_seq_len, tokenizer_sha256)
+        paths.append(write_shard(shard, out / f"client-{k}.json"))
+    return paths

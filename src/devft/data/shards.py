@@ -5,24 +5,31 @@ and never imports `datasets` or `flwr-datasets` (together ~200 MiB with the bund
 
 The shard is checked against the run: it must have been cut with the same data fields,
 number of clients, seed and partition id, so it holds exactly the rows the simulation
-would give that client; its batches are drawn by the same rule (`draw_batches`).
+would give that client; its batches are drawn by the same rule (`draw_batches`). A shard
+cut with the model's tokenizer also carries every row's token ids (`encode`), so a client
+whose tokenizer files and `data.max_seq_len` match never loads its tokenizer either.
 """
 
 from __future__ import annotations
 
+import binascii
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from devft.config import DataConfig
+from devft.data.formatting import Encoded, encode
 from devft.data.records import Record
 from devft.data.splits import seed_key
+from devft.data.token_table import TokenTable
 from devft.errors import DataError
 from devft.files import atomic_write_json
 
+Row = TypeVar("Row")
 SHARD_FORMAT = "devft-client-shard/1"
 SHARD_NODE_KEY = "data-shard"
 """The node-config key naming a SuperNode's shard file."""
@@ -36,8 +43,8 @@ def shard_key(cfg: DataConfig, num_clients: int, seed: int) -> dict[str, Any]:
             "federation.num_clients": int(num_clients), "seed": int(seed)}
 
 
-def draw_batches(rows: list[Record], client: int, round: int, steps: int, batch_size: int,
-                 seed: int) -> list[list[Record]]:
+def draw_batches(rows: Sequence[Row], client: int, round: int, steps: int, batch_size: int,
+                 seed: int) -> list[list[Row]]:
     """`steps` batches of `batch_size` rows of a client's partition, deterministic for (seed,
     client, round): without replacement within the round when the partition holds at least
     steps * batch_size rows, with replacement otherwise."""
@@ -62,6 +69,11 @@ class ClientShard:
     categories: list[str]
     """Every category of the data set, sorted (C2A's descriptor is a histogram over them)."""
     key: dict[str, Any]
+    encoding: dict[str, Any] | None = None
+    """{"max_seq_len", "tokenizer_sha256", "pad_token_id"} of `encoded` (None: not encoded)."""
+    encoded: TokenTable | None = None
+    """Token ids of `rows`, in the same order."""
+    eval_encoded: TokenTable | None = None
 
     @property
     def size(self) -> int:
@@ -72,13 +84,50 @@ class ClientShard:
                 seed: int) -> list[list[Record]]:
         return draw_batches(self.rows, self.partition, round, steps, batch_size, seed)
 
+    def encoded_batches(self, round: int, steps: int, batch_size: int,
+                        seed: int) -> list[list[Encoded]]:
+        """The token ids of `batches`' rows (same draw)."""
+        assert self.encoded is not None
+        return draw_batches(self.encoded, self.partition, round, steps, batch_size, seed)
+
+    def encoding_mismatch(self, max_seq_len: int, tokenizer_sha256: str) -> str | None:
+        """Why the stored token ids cannot serve this run (None: they can)."""
+        if self.encoding is None:
+            return "the shard holds no token ids (cut without a model)"
+        for field, want in (("max_seq_len", max_seq_len),
+                            ("tokenizer_sha256", tokenizer_sha256)):
+            if self.encoding.get(field) != want:
+                return f"it was tokenized with {field} = {self.encoding.get(field)!r}, not {want!r}"
+        return None
+
+
+def encode_shard(shard: ClientShard, tokenizer: Any, max_seq_len: int,
+                 tokenizer_sha256: str) -> ClientShard:
+    """`shard` with every row's token ids, as the client's `encode` would make them."""
+    shard.encoded = TokenTable.of([encode(r, tokenizer, max_seq_len) for r in shard.rows])
+    shard.eval_encoded = TokenTable.of([encode(r, tokenizer, max_seq_len)
+                                        for r in shard.eval_rows])
+    shard.encoding = {"max_seq_len": int(max_seq_len), "tokenizer_sha256": tokenizer_sha256,
+                      "pad_token_id": int(tokenizer.pad_token_id)}
+    return shard
+
+
+def _ids(table: TokenTable | None) -> dict[str, Any] | None:
+    return None if table is None else table.to_json()
+
+
+def _from_ids(data: dict[str, Any] | None) -> TokenTable | None:
+    return None if data is None else TokenTable.from_json(data)
+
 
 def write_shard(shard: ClientShard, path: Path) -> Path:
     """Write `shard` as one JSON file (atomically)."""
     atomic_write_json(path, {"format": SHARD_FORMAT, "partition": shard.partition,
                              "key": shard.key, "categories": shard.categories,
                              "rows": [asdict(r) for r in shard.rows],
-                             "eval_rows": [asdict(r) for r in shard.eval_rows]}, indent=None)
+                             "eval_rows": [asdict(r) for r in shard.eval_rows],
+                             "encoding": shard.encoding, "encoded": _ids(shard.encoded),
+                             "eval_encoded": _ids(shard.eval_encoded)}, indent=None)
     return path
 
 
@@ -106,8 +155,14 @@ def read_shard(path: str | Path, expected_key: dict[str, Any], partition: int) -
         rows = [Record(**r) for r in data["rows"]]
         eval_rows = [Record(**r) for r in data["eval_rows"]]
         categories = [str(c) for c in data["categories"]]
-    except (KeyError, TypeError) as err:
+        encoded, eval_encoded = _from_ids(data.get("encoded")), _from_ids(data.get("eval_encoded"))
+    except (KeyError, TypeError, ValueError, binascii.Error) as err:
         raise DataError(f"{where} is malformed ({err})") from None
     if not rows:
         raise DataError(f"{where} holds no training rows")
-    return ClientShard(partition, rows, eval_rows, categories, key)
+    if data.get("encoding") is not None and (
+            encoded is None or eval_encoded is None or len(encoded) != len(rows)
+            or len(eval_encoded) != len(eval_rows)):
+        raise DataError(f"{where} is malformed (its token ids do not match its rows)")
+    return ClientShard(partition, rows, eval_rows, categories, key, data.get("encoding"),
+                       encoded, eval_encoded)

@@ -7,12 +7,14 @@ already holds, in the in-process grid), so dense weights never cross the wire; o
 held at a time. With `model.ship_layers` the server sends the fused layers instead. Rules
 that change the base (FLoRA merges into it) load the full base, as before. Its data
 partition is `partition-id` of its node config; a node whose config names a `data-shard`
-file (`devft shard`) reads only that, never the whole data set. What the rule keeps between rounds
-(FedSA-LoRA's B, FFA-LoRA's A) lives in the node's `context.state`.
+file (`devft shard`) reads only that, never the whole data set, and with the shard's token
+ids (same tokenizer files and max_seq_len) it never loads its tokenizer. What the rule
+keeps between rounds (FedSA-LoRA's B, FFA-LoRA's A) lives in the node's `context.state`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ from flwr.clientapp import ClientApp
 
 from devft.config import LoraSettings, RunConfig, from_run_config
 from devft.core.frozen import drop_layers, fill_frozen, in_layers
-from devft.data import SHARD_NODE_KEY, client_shard, collate, encode
+from devft.data import SHARD_NODE_KEY, client_shard, collate, encode, length_sorted_batches
 from devft.errors import ConfigError
 from devft.federation.shipping import shipped_source
 from devft.federation.wire import from_array_record, plan_from_config, to_array_record
@@ -31,6 +33,7 @@ from devft.models.client_stage import (
     client_stage_model,
     client_tokenizer,
     set_gradient_checkpointing,
+    tokenizer_digest,
 )
 from devft.models.lora import get_lora_state, set_lora_state, set_trainable
 from devft.models.submodel import StagePlan, stage_model
@@ -38,6 +41,8 @@ from devft.rules import ClientEnv, ClientStore, Rule, make_rule
 from devft.training.allocator import return_freed_memory
 from devft.training.evaluation import heldout_batches, heldout_loss
 from devft.training.local import train_local
+
+log = logging.getLogger(__name__)
 
 
 def _env(cfg: RunConfig, rule: Rule, plan: StagePlan, msg: Message,
@@ -63,8 +68,9 @@ def _env(cfg: RunConfig, rule: Rule, plan: StagePlan, msg: Message,
 
 def _model(cfg: RunConfig, rule: Rule, plan: StagePlan, settings: LoraSettings, msg: Message,
            context: Context, received: Any, env: ClientEnv) -> tuple[Any, Any]:
-    """The stage model and tokenizer: the full base for rules that change it, else the
-    stage alone (from the base's files, or from shipped layers)."""
+    """The stage model and the tokenizer it came with: the full base (and its tokenizer)
+    for rules that change it, else the stage alone (from the base's files, or from shipped
+    layers) and None: the tokenizer is loaded only if the rows need tokenizing."""
     if rule.private_base:  # FLoRA merges into the base: the client needs all of it
         base = rule.base_model()
         rule.prepare(received, env, base)
@@ -73,8 +79,43 @@ def _model(cfg: RunConfig, rule: Rule, plan: StagePlan, settings: LoraSettings, 
     shipped = None
     if cfg.model.ship_layers:
         shipped = shipped_source(msg, context, plan, cfg, client_layout(cfg.model).layer_prefix())
-    return (client_stage_model(cfg.model, plan, settings, shipped),
-            client_tokenizer(cfg.model))
+    return client_stage_model(cfg.model, plan, settings, shipped), None
+
+
+_REPORTED: set[tuple[int, str]] = set()
+
+
+def _shard_tokens(cfg: RunConfig, data: Any) -> int | None:
+    """The pad id when the shard's token ids serve this run (its tokenizer files and
+    max_seq_len), else None: the client tokenizes (a mismatch is logged once)."""
+    if data.encoding is None:
+        return None
+    why = data.encoding_mismatch(cfg.data.max_seq_len, tokenizer_digest(cfg.model))
+    if why is None:
+        return int(data.encoding["pad_token_id"])
+    if (data.partition, why) not in _REPORTED:
+        _REPORTED.add((data.partition, why))
+        log.warning("client %d: the shard's token ids are not used (%s); tokenizing its rows",
+                    data.partition, why)
+    return None
+
+
+def _train_batches(cfg: RunConfig, env: ClientEnv, tok: Any) -> list[dict[str, Any]]:
+    """This round's local batches, from the shard's token ids when they serve this run."""
+    args = (env.round, cfg.train.local_steps, cfg.train.batch_size, cfg.seed)
+    pad = _shard_tokens(cfg, env.data)
+    if pad is not None:
+        return [collate(e, pad) for e in env.data.encoded_batches(*args)]
+    tok = tok or client_tokenizer(cfg.model)
+    return [collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)
+            for records in env.data.batches(*args)]
+
+
+def _eval_batches(cfg: RunConfig, env: ClientEnv, tok: Any) -> list[dict[str, Any]]:
+    pad = _shard_tokens(cfg, env.data)
+    if pad is not None:
+        return length_sorted_batches(env.data.eval_encoded, cfg.data.eval_batch_size, pad)
+    return heldout_batches(env.data.eval_rows, tok or client_tokenizer(cfg.model), cfg.data)
 
 
 def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
@@ -91,11 +132,7 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
                                       env.prefix))
     set_trainable(model, lambda k: rule.trainable(k) and not in_layers(k, frozen, env.prefix))
     set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
-    batches = [
-        collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)
-        for records in env.data.batches(env.round, cfg.train.local_steps,
-                                        cfg.train.batch_size, cfg.seed)
-    ]
+    batches = _train_batches(cfg, env, tok)
     inner = model.base_model.model
 
     def default_update():
@@ -128,12 +165,11 @@ def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
         base = rule.base_model()
         model, tok = stage_model(base, env.plan, cfg.lora), base.tokenizer
     else:  # the full model is a stage too: it replaces the held training stage
-        model, tok = client_stage_model(cfg.model, env.plan, cfg.lora), client_tokenizer(cfg.model)
+        model, tok = client_stage_model(cfg.model, env.plan, cfg.lora), None
     lora = rule.personal_lora(from_array_record(msg.content["arrays"]), env,
                               get_lora_state(model))
     set_lora_state(model, lora)
-    loss = heldout_loss(model, heldout_batches(env.data.eval_rows, tok, cfg.data),
-                        cfg.train.precision)
+    loss = heldout_loss(model, _eval_batches(cfg, env, tok), cfg.train.precision)
     metrics = MetricRecord({"eval-loss": loss, "num-examples": len(env.data.eval_rows)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -14,9 +14,12 @@ LoRA and everything that referenced them (the optimizer lives only inside a roun
 
 from __future__ import annotations
 
+import functools
 import gc
+import hashlib
 import logging
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,6 +78,29 @@ def client_layout(cfg: ModelConfig) -> BaseLayout:
 
 def client_tokenizer(cfg: ModelConfig) -> Any:
     return load_tokenizer(str(local_model_dir(cfg.path)))
+
+
+TOKENIZER_FILE_MARKS = ("token", "vocab", "merges", "chat_template", "spiece", ".model")
+"""A model directory's files that define its tokenizer (by name)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _digest_of(directory: str) -> str:
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and any(m in path.name for m in TOKENIZER_FILE_MARKS):
+            h.update(path.name.encode() + b"\0")
+            with path.open("rb") as f:  # in chunks: Gemma 3's tokenizer.json is 33 MB
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def tokenizer_digest(cfg: ModelConfig) -> str:
+    """SHA-256 of the model's tokenizer files, without loading the tokenizer (a shard's
+    token ids are used only by clients whose tokenizer files are the ones it was cut with)."""
+    return _digest_of(str(local_model_dir(cfg.path)))
 
 
 def _base_source(cfg: ModelConfig, layout: BaseLayout) -> tuple[Callable[[], TensorSource],
