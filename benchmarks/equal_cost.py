@@ -158,34 +158,50 @@ def mc_for(run_dir: Path, cfg: RunConfig, methods: list[str], limit: int,
 
 def plot(curves: dict[str, dict[str, list[list[dict[str, Any]]]]], targets: dict[str, Any],
          out: Path) -> list[Path]:
-    """Per x axis one PNG, one panel per model: mean loss over seeds on the mean x (up to the
-    shortest seed's run), min–max band, FedIT's targets as dashed lines."""
+    """Per x axis one PNG, one column per model: thin lines per seed, a bold line for the mean
+    over seeds (on the mean x, up to the shortest seed's run), FedIT's targets dashed; the
+    lower row zooms in on the race to the 100 % target."""
     paths = []
     for axis, key in AXES.items():
         label, scale = AXIS_LABELS[axis]
-        fig, axes = plt.subplots(1, len(curves), figsize=(7 * len(curves), 4.5), squeeze=False)
-        for ax, (model, methods) in zip(axes[0], curves.items()):
-            for method, seeds in [(m, r) for m, r in methods.items() if r]:
-                n = min(len(r) for r in seeds)
-                xs = np.mean([[r[i][key] for i in range(n)] for r in seeds], axis=0) * scale
-                ys = np.array([[np.nan if r[i]["eval_loss"] is None else r[i]["eval_loss"]
-                                for i in range(n)] for r in seeds])
-                line, = ax.plot(xs, ys.mean(axis=0), label=method, lw=1.2)
-                ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(),
-                                alpha=0.12)
-            for name, value in targets.get(model, {}).items():
-                ax.axhline(value, ls="--", lw=0.7, color="grey")
-                ax.annotate(name, (ax.get_xlim()[1], value), fontsize=7, ha="right",
-                            va="bottom", color="grey")
-            ax.set(xlabel=label, ylabel="held-out loss (full model)", title=model)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+        fig, axes = plt.subplots(2, len(curves), figsize=(7 * len(curves), 8), squeeze=False,
+                                 gridspec_kw={"height_ratios": [1, 1]})
+        for col, (model, methods) in enumerate(curves.items()):
+            for row in (0, 1):
+                ax = axes[row][col]
+                for i, (method, seeds) in enumerate([(m, r) for m, r in methods.items() if r]):
+                    color = f"C{i}"
+                    for r in seeds:
+                        ax.plot([x[key] * scale for x in r], [_loss(x) for x in r],
+                                color=color, lw=0.6, alpha=0.35)
+                    n = min(len(r) for r in seeds)
+                    xs = np.mean([[r[j][key] for j in range(n)] for r in seeds], axis=0) * scale
+                    ys = np.mean([[_loss(r[j]) for j in range(n)] for r in seeds], axis=0)
+                    ax.plot(xs, ys, color=color, lw=1.6, label=f"{method} ({len(seeds)} seeds)")
+                goal = targets.get(model, {}).get("100%")
+                if row == 1 and goal is not None:
+                    ax.set_ylim(goal - 0.15, goal + 0.6)
+                low, high = ax.get_ylim()
+                for name, value in targets.get(model, {}).items():
+                    if low <= value <= high:
+                        ax.axhline(value, ls="--", lw=0.7, color="grey")
+                        ax.annotate(name, (1.0, value), xycoords=("axes fraction", "data"),
+                                    fontsize=7, ha="right", va="bottom", color="grey")
+                ax.set(xlabel=label, ylabel="held-out loss (full model)",
+                       title=model if row == 0 else f"{model}: near the 100 % target")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"equal_cost_{axis}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _loss(record: dict[str, Any]) -> float:
+    value = record["eval_loss"]
+    return np.nan if value is None else float(value)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -203,13 +203,16 @@ def markdown(results: dict[str, Any]) -> str:
                   "| method | seed | start loss | early FLOPs / FedIT's to that loss | "
                   "k = 1 | k = 2 | k = 4 | k = 8 |", "|---" * 8 + "|"]
         for s in seeds:
+            full = s["methods"]["fedit"]["stages"][0]["layers"]
             for m, e in s["methods"].items():
-                if "early" not in e:
-                    continue
+                unfinished = e["stop"]["reason"] == "unfinished"
+                if "early" not in e or (unfinished and e["stages"][-1]["layers"] != full):
+                    continue  # an unfinished run's rows once it trains the full model
                 ea = e["early"]
                 ks = [ea["after_k_last_stage_rounds"].get(k) or
                       ea["after_k_last_stage_rounds"].get(str(k), {}) for k in LAST_STAGE_ROUNDS]
-                lines.append(f"| {m} | {s['seed']} | {_num(ea['last_stage_start_loss'])} | "
+                lines.append(f"| {m}{'*' if unfinished else ''} | {s['seed']} | "
+                             f"{_num(ea['last_stage_start_loss'])} | "
                              f"{_num(ea['early_flops_ratio'], 2)} | " + " | ".join(
                                  f"{_num(k.get('loss'))} (FedIT {_num(k.get('fedit'))}, "
                                  f"control {_num(k.get('control'))})" for k in ks) + " |")
