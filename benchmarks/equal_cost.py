@@ -124,6 +124,8 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int
         if got is not None:
             summaries[m], runs[m] = got
     fedit, control = runs["fedit"], runs.get(CONTROL)
+    if control and control[-1].get("layers_trained") != fedit[-1].get("layers_trained"):
+        control = None  # an unfinished control before its full-model stage: nothing to read
     entry: dict[str, Any] = {"target_eval_loss": target, "flops_budget": budget,
                              "target_final": summaries["fedit"]["stop"]["reason"] != "unfinished",
                              "targets": target_losses(fedit), "methods": {}}
