@@ -25,21 +25,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from client_memory import MIB, status  # noqa: E402  (this process's VmHWM, VmRSS, ...)
 from common import run_script  # noqa: E402
 
-MIB = 2**20
 LIBRARIES = ("datasets", "pyarrow", "flwr_datasets")
-
-
-def status() -> dict[str, int]:
-    """VmHWM and VmRSS of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def child(config: str, overrides: list[str], client: int, shard: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from equal_cost_report import (  # noqa: E402
     Records,
     cost_ratios,
     early_stages,
+    loss,
     markdown,
     partial_summary,
     stage_breakdown,
@@ -166,19 +167,18 @@ def plot(curves: dict[str, dict[str, list[list[dict[str, Any]]]]], targets: dict
     paths = []
     for axis, key in AXES.items():
         label, scale = AXIS_LABELS[axis]
-        fig, axes = plt.subplots(2, len(curves), figsize=(7 * len(curves), 8), squeeze=False,
-                                 gridspec_kw={"height_ratios": [1, 1]})
+        fig, axes = plt.subplots(2, len(curves), figsize=(7 * len(curves), 8), squeeze=False)
         for col, (model, methods) in enumerate(curves.items()):
             for row in (0, 1):
                 ax = axes[row][col]
                 for i, (method, seeds) in enumerate([(m, r) for m, r in methods.items() if r]):
                     color = f"C{i}"
                     for r in seeds:
-                        ax.plot([x[key] * scale for x in r], [_loss(x) for x in r],
+                        ax.plot([x[key] * scale for x in r], [loss(x) for x in r],
                                 color=color, lw=0.6, alpha=0.35)
                     n = min(len(r) for r in seeds)
                     xs = np.mean([[r[j][key] for j in range(n)] for r in seeds], axis=0) * scale
-                    ys = np.mean([[_loss(r[j]) for j in range(n)] for r in seeds], axis=0)
+                    ys = np.mean([[loss(r[j]) for j in range(n)] for r in seeds], axis=0)
                     ax.plot(xs, ys, color=color, lw=1.6, label=f"{method} ({len(seeds)} seeds)")
                 goal = targets.get(model, {}).get("100%")
                 if row == 1 and goal is not None:
@@ -199,11 +199,6 @@ def plot(curves: dict[str, dict[str, list[list[dict[str, Any]]]]], targets: dict
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def _loss(record: dict[str, Any]) -> float:
-    value = record["eval_loss"]
-    return np.nan if value is None else float(value)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

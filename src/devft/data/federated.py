@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -105,18 +105,23 @@ class FederatedData:
     ) -> list[list[Record]]:
         """`steps` batches of `batch_size` records from the client's partition
         (`draw_batches`: deterministic for (seed, client, round))."""
-        if not 0 <= client < self.num_clients:
-            raise IndexError(f"client {client} out of range (0..{self.num_clients - 1})")
-        return draw_batches(self.select(self.partitions[client]), client, round, steps,
-                            batch_size, seed)
+        return draw_batches(self._partition_rows(client), client, round, steps, batch_size,
+                            seed)
 
     def shard(self, client: int, key: dict[str, Any]) -> ClientShard:
         """The client's own data (`devft.data.shards`), cut with the run's `key`."""
+        return ClientShard(client, self._partition_rows(client), self.eval_records(),
+                           self.categories, key)
+
+    @cached_property
+    def categories(self) -> list[str]:
+        """Every category of the data set, sorted."""
+        return sorted({r.category for r in self.records})
+
+    def _partition_rows(self, client: int) -> list[Record]:
         if not 0 <= client < self.num_clients:
             raise IndexError(f"client {client} out of range (0..{self.num_clients - 1})")
-        categories = sorted({r.category for r in self.records})
-        return ClientShard(client, self.select(self.partitions[client]), self.eval_records(),
-                           categories, key)
+        return self.select(self.partitions[client])
 
     def partition_summary(self) -> list[dict[str, Any]]:
         """Per client: its size and how many rows of each category it holds."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,9 @@ class TokenTable:
 
     def __len__(self) -> int:
         return len(self.prompt_lengths)
+
+    def __iter__(self) -> Iterator[Encoded]:
+        return (self[i] for i in range(len(self)))
 
     def __getitem__(self, i: int) -> Encoded:
         ids = self.ids[self.starts[i]:self.starts[i + 1]].tolist()

@@ -150,7 +150,7 @@ def categories(cfg: Any) -> tuple[Any, list[str]]:
     from devft.data import federated_data
 
     data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
-    return data, sorted({r.category for r in data.records})
+    return data, data.categories
 
 
 def client_descriptor(shard: Any) -> Tensor:
