@@ -68,7 +68,8 @@ SMOKE = ["federation.num_clients=4", "train.local_steps=2", "train.batch_size=2"
 """--smoke: a tiny budget for a test on a tiny model (replaces STUDY)."""
 FLOPS_FACTOR = 1.5
 AXIS_LABELS = {"flops": ("cumulative client FLOPs", 1.0),
-               "bytes": ("cumulative MB (up + down)", 1e-6), "time": ("wall time (s)", 1.0)}
+               "bytes": ("cumulative MB (up + down)", 1e-6),
+               "time": ("wall time (s, excl. evaluation)", 1.0)}
 
 
 def method_list(text: str) -> list[str]:

@@ -58,19 +58,35 @@ def cost_ratios(records: Records, fedit: Records) -> dict[str, Any]:
 
 
 def stage_breakdown(records: Records) -> list[dict[str, Any]]:
-    """Per stage: rounds, client FLOPs, bytes (up + down) and the held-out loss at its end."""
+    """Per stage: rounds, client FLOPs, bytes (up + down), the largest client peak memory, the
+    held-out loss at its end; and what explains it: the submodel's calibration loss at the
+    stage's start and its held-out loss at the end (None where the stage trains the full
+    model unfused), the fusion β and residual exponent used, and the server's calibration
+    search time (devft-calibrated)."""
     stages: dict[int, dict[str, Any]] = {}
     for r in records:
+        if r["round"] == 0 and "stage_start" not in r:
+            continue
+        s = stages.setdefault(r["stage"], {
+            "stage": r["stage"], "rounds": 0, "flops": 0, "bytes": 0, "loss_reached": math.nan,
+            "layers": r.get("layers_trained"), "peak_client_mem_bytes": 0,
+            "sub_start_calib_loss": None, "sub_end_eval_loss": None, "beta": None,
+            "residual_exponent": None, "calibration_time_s": None})
+        start = r.get("stage_start") or {}
+        for key in ("beta", "residual_exponent", "calibration_time_s"):
+            s[key] = start.get(key, s[key])
+        if start.get("start_calib_loss") is not None:
+            s["sub_start_calib_loss"] = start["start_calib_loss"]
         if r["round"] == 0:
             continue
-        s = stages.setdefault(r["stage"], {"stage": r["stage"], "rounds": 0, "flops": 0,
-                                           "bytes": 0, "loss_reached": math.nan,
-                                           "layers": r.get("layers_trained")})
         s["rounds"] += 1
         s["flops"] += int(r.get("client_flops") or 0)
         s["bytes"] += int(r.get("bytes_up") or 0) + int(r.get("bytes_down") or 0)
+        s["peak_client_mem_bytes"] = max(s["peak_client_mem_bytes"],
+                                         int(r.get("client_peak_mem_bytes") or 0))
         s["loss_reached"] = loss(r)
-    return [stages[k] for k in sorted(stages)]
+        s["sub_end_eval_loss"] = r.get("sub_eval_loss")
+    return [stages[k] for k in sorted(stages) if stages[k]["rounds"]]
 
 
 def last_stage(records: Records) -> tuple[dict[str, Any], Records]:
@@ -160,6 +176,18 @@ def _num(value: Any, digits: int = 3) -> str:
         else f"{value:.{digits}f}"
 
 
+def _stage_extras(st: dict[str, Any], full_layers: int) -> str:
+    """The per-stage table's explanatory cells: client peak MiB, fusion plan (none on a stage
+    of all `full_layers`), submodel loss (of the full model itself on such a stage)."""
+    mem = st.get("peak_client_mem_bytes") or 0
+    plan = ("–" if st.get("beta") is None or st["layers"] == full_layers else
+            f"{st['beta']:g}, {st.get('residual_exponent') or 0:g}" + (
+                f" ({st['calibration_time_s']:.0f} s)" if st.get("calibration_time_s") else ""))
+    start, end = st.get("sub_start_calib_loss"), st.get("sub_end_eval_loss")
+    sub = "–" if start is None and end is None else f"{_num(start, 2)} → {_num(end, 2)}"
+    return f"{mem / 2**20:.0f} | {plan} | {sub}" if mem else f"– | {plan} | {sub}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The study's tables in Markdown: cost-to-target ratios with spread over seeds, then per
     seed the stages' costs and the early-stage comparison. Unfinished runs are marked."""
@@ -187,16 +215,20 @@ def markdown(results: dict[str, Any]) -> str:
                          + f" | {_cell(rat['100%']['bytes_ratio'])} | "
                          f"{_cell(rat['100%']['time_ratio'])} | {', '.join(s['stop_reasons'])} |")
         lines += ["", "Per stage (FLOPs as a share of FedIT's total on the same seed):", "",
-                  "| method | seed | stage | layers | rounds | FLOPs | MB | loss at its end |",
-                  "|---" * 8 + "|"]
+                  "| method | seed | stage | layers | rounds | FLOPs | MB | client peak MiB "
+                  "| β, γ (search s) | submodel (full model if all layers): calib loss at start → "
+                  "held-out at end "
+                  "| loss at its end |", "|---" * 11 + "|"]
         for s in seeds:
             total = s["methods"]["fedit"]["total_client_flops"] or 1
+            full = s["methods"]["fedit"]["stages"][0]["layers"]
             for m, e in s["methods"].items():
                 star = "*" if e["stop"]["reason"] == "unfinished" else ""
                 for st in e["stages"]:
                     lines.append(f"| {m}{star} | {s['seed']} | {st['stage']} | {st['layers']} | "
                                  f"{st['rounds']} | {st['flops'] / total:.3f} | "
-                                 f"{st['bytes'] / 1e6:.0f} | {_num(st['loss_reached'])} |")
+                                 f"{st['bytes'] / 1e6:.0f} | {_stage_extras(st, full)} | "
+                                 f"{_num(st['loss_reached'])} |")
         lines += ["", "Did the early stages buy anything? Full-model loss when the last stage"
                   " starts, and after k of its rounds; FedIT after k rounds from scratch;"
                   " control = `devft-notransfer` after k of its last stage:", "",

@@ -48,6 +48,24 @@ def test_stage_breakdown_and_early_stage_comparison():
     assert after[4]["loss"] is None
 
 
+def test_stage_breakdown_carries_what_explains_each_stage():
+    """Submodel calibration loss at the stage's start (the record opening it), its held-out
+    loss at the end, the peak client memory over the stage and the fusion plan used."""
+    records = [dict(_rec(0, 0, 4.0, 0), stage_start={"start_calib_loss": 20.0, "beta": 0.1,
+                                                     "residual_exponent": 0.0}),
+               dict(_rec(1, 0, 3.9, 5), sub_eval_loss=15.0, client_peak_mem_bytes=7),
+               dict(_rec(2, 0, 3.8, 5), sub_eval_loss=12.0, client_peak_mem_bytes=9),
+               dict(_rec(3, 1, 2.9, 5), client_peak_mem_bytes=30, sub_eval_loss=None,
+                    stage_start={"start_calib_loss": 5.0, "beta": 0.3, "residual_exponent": 1.0,
+                                 "calibration_time_s": 4.5})]
+    first, last = stage_breakdown(records)
+    assert (first["sub_start_calib_loss"], first["sub_end_eval_loss"]) == (20.0, 12.0)
+    assert first["peak_client_mem_bytes"] == 9 and first["beta"] == 0.1
+    assert first["calibration_time_s"] is None and first["rounds"] == 2
+    assert (last["beta"], last["residual_exponent"], last["calibration_time_s"]) == (0.3, 1.0, 4.5)
+    assert last["sub_end_eval_loss"] is None and last["peak_client_mem_bytes"] == 30
+
+
 def test_methods_must_be_staged():
     with pytest.raises(ConfigError):
         equal_cost.method_list("devft,flora")
