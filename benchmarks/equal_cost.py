@@ -180,7 +180,8 @@ def plot(curves: dict[str, dict[str, list[list[dict[str, Any]]]]], targets: dict
                     n = min(len(r) for r in seeds)
                     xs = np.mean([[r[j][key] for j in range(n)] for r in seeds], axis=0) * scale
                     ys = np.mean([[loss(r[j]) for j in range(n)] for r in seeds], axis=0)
-                    ax.plot(xs, ys, color=color, lw=1.6, label=f"{method} ({len(seeds)} seeds)")
+                    count = f"{len(seeds)} seed" + ("s" if len(seeds) > 1 else "")
+                    ax.plot(xs, ys, color=color, lw=1.6, label=f"{method} ({count})")
                 goal = targets.get(model, {}).get("100%")
                 if row == 1 and goal is not None:
                     ax.set_ylim(goal - 0.15, goal + 0.6)

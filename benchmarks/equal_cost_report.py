@@ -11,6 +11,8 @@ import math
 import statistics
 from typing import Any
 
+from devft.methods import METHODS
+
 Records = list[dict[str, Any]]
 FRACTIONS = (0.5, 0.9, 1.0)
 """Targets: these shares of FedIT's improvement (initial loss − plateau loss)."""
@@ -176,16 +178,26 @@ def _num(value: Any, digits: int = 3) -> str:
         else f"{value:.{digits}f}"
 
 
-def _stage_extras(st: dict[str, Any], full_layers: int) -> str:
-    """The per-stage table's explanatory cells: client peak MiB, fusion plan (none on a stage
-    of all `full_layers`), submodel loss (of the full model itself on such a stage)."""
+UNFUSED_RECIPES = ("prefix", "layerdrop", "offsite")
+"""Stage recipes whose submodels keep or drop real layers and fuse none (no β to report)."""
+
+
+def _stage_extras(st: dict[str, Any], full_layers: int, fuses: bool) -> str:
+    """The per-stage table's explanatory cells: client peak MiB, fusion plan (none for a
+    method that `fuses` nothing, or on a stage of all `full_layers`), submodel loss (of the
+    full model itself on such a stage)."""
     mem = st.get("peak_client_mem_bytes") or 0
-    plan = ("–" if st.get("beta") is None or st["layers"] == full_layers else
+    plan = ("–" if not fuses or st.get("beta") is None or st["layers"] == full_layers else
             f"{st['beta']:g}, {st.get('residual_exponent') or 0:g}" + (
                 f" ({st['calibration_time_s']:.0f} s)" if st.get("calibration_time_s") else ""))
     start, end = st.get("sub_start_calib_loss"), st.get("sub_end_eval_loss")
     sub = "–" if start is None and end is None else f"{_num(start, 2)} → {_num(end, 2)}"
     return f"{mem / 2**20:.0f} | {plan} | {sub}" if mem else f"– | {plan} | {sub}"
+
+
+def _fuses(method: str) -> bool:
+    spec = METHODS.get(method)
+    return spec is not None and spec.staged and spec.recipe not in UNFUSED_RECIPES
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -215,7 +227,7 @@ def markdown(results: dict[str, Any]) -> str:
                          + f" | {_cell(rat['100%']['bytes_ratio'])} | "
                          f"{_cell(rat['100%']['time_ratio'])} | {', '.join(s['stop_reasons'])} |")
         lines += ["", "Per stage (FLOPs as a share of FedIT's total on the same seed):", "",
-                  "| method | seed | stage | layers | rounds | FLOPs | MB | client peak MiB "
+                  "| method | seed | stage | layers | rounds | FLOPs | MB | client peak MiB† "
                   "| β, γ (search s) | submodel (full model if all layers): calib loss at start → "
                   "held-out at end "
                   "| loss at its end |", "|---" * 11 + "|"]
@@ -225,10 +237,15 @@ def markdown(results: dict[str, Any]) -> str:
             for m, e in s["methods"].items():
                 star = "*" if e["stop"]["reason"] == "unfinished" else ""
                 for st in e["stages"]:
+                    extras = _stage_extras(st, full, _fuses(m))
                     lines.append(f"| {m}{star} | {s['seed']} | {st['stage']} | {st['layers']} | "
                                  f"{st['rounds']} | {st['flops'] / total:.3f} | "
-                                 f"{st['bytes'] / 1e6:.0f} | {_stage_extras(st, full)} | "
+                                 f"{st['bytes'] / 1e6:.0f} | {extras} | "
                                  f"{_num(st['loss_reached'])} |")
+        lines += ["", "† `client_peak_mem_bytes`, the largest over the stage's rounds: on GPU the"
+                  " allocator's peak, on CPU the process's peak RSS, which in the in-process"
+                  " simulation also holds the server's full model; the client memory of real"
+                  " client processes is benchmarks/client_memory.py's.", ""]
         lines += ["", "Did the early stages buy anything? Full-model loss when the last stage"
                   " starts, and after k of its rounds; FedIT after k rounds from scratch;"
                   " control = `devft-notransfer` after k of its last stage:", "",

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import equal_cost  # noqa: E402
-from equal_cost_report import cost_ratios, early_stages, stage_breakdown  # noqa: E402
+from equal_cost_report import _fuses, cost_ratios, early_stages, stage_breakdown  # noqa: E402
 
 from devft.errors import ConfigError  # noqa: E402
 
@@ -64,6 +64,8 @@ def test_stage_breakdown_carries_what_explains_each_stage():
     assert first["calibration_time_s"] is None and first["rounds"] == 2
     assert (last["beta"], last["residual_exponent"], last["calibration_time_s"]) == (0.3, 1.0, 4.5)
     assert last["sub_end_eval_loss"] is None and last["peak_client_mem_bytes"] == 30
+    assert [_fuses(m) for m in ("devft", "devft-calibrated", "progfed", "offsite", "fedit")] == \
+        [True, True, False, False, False]  # only fusing methods get a β column
 
 
 def test_methods_must_be_staged():
