@@ -59,6 +59,12 @@ def cost_ratios(records: Records, fedit: Records) -> dict[str, Any]:
     return out
 
 
+STAGE_START_KEYS = {"sub_start_calib_loss": "start_calib_loss", "beta": "beta",
+                    "residual_exponent": "residual_exponent",
+                    "calibration_time_s": "calibration_time_s"}
+"""stage_breakdown's fields taken from the `stage_start` record opening a stage."""
+
+
 def stage_breakdown(records: Records) -> list[dict[str, Any]]:
     """Per stage: rounds, client FLOPs, bytes (up + down), the largest client peak memory, the
     held-out loss at its end; and what explains it: the submodel's calibration loss at the
@@ -75,10 +81,8 @@ def stage_breakdown(records: Records) -> list[dict[str, Any]]:
             "sub_start_calib_loss": None, "sub_end_eval_loss": None, "beta": None,
             "residual_exponent": None, "calibration_time_s": None})
         start = r.get("stage_start") or {}
-        for key in ("beta", "residual_exponent", "calibration_time_s"):
-            s[key] = start.get(key, s[key])
-        if start.get("start_calib_loss") is not None:
-            s["sub_start_calib_loss"] = start["start_calib_loss"]
+        for mine, recorded in STAGE_START_KEYS.items():
+            s[mine] = start.get(recorded, s[mine])
         if r["round"] == 0:
             continue
         s["rounds"] += 1
@@ -192,7 +196,7 @@ def _stage_extras(st: dict[str, Any], full_layers: int, fuses: bool) -> str:
                 f" ({st['calibration_time_s']:.0f} s)" if st.get("calibration_time_s") else ""))
     start, end = st.get("sub_start_calib_loss"), st.get("sub_end_eval_loss")
     sub = "–" if start is None and end is None else f"{_num(start, 2)} → {_num(end, 2)}"
-    return f"{mem / 2**20:.0f} | {plan} | {sub}" if mem else f"– | {plan} | {sub}"
+    return f"{f'{mem / 2**20:.0f}' if mem else '–'} | {plan} | {sub}"
 
 
 def _fuses(method: str) -> bool:
