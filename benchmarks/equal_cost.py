@@ -36,6 +36,7 @@ from equal_cost_report import (  # noqa: E402
     Records,
     cost_ratios,
     early_stages,
+    in_last_stage,
     loss,
     markdown,
     partial_summary,
@@ -125,9 +126,10 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int
         got = obtain(staged_config(base, run_dir, m, target, budget, max_rounds), report_only)
         if got is not None:
             summaries[m], runs[m] = got
-    fedit, control = runs["fedit"], runs.get(CONTROL)
-    if control and control[-1].get("layers_trained") != fedit[-1].get("layers_trained"):
-        control = None  # an unfinished control before its full-model stage: nothing to read
+    fedit, full = runs["fedit"], runs["fedit"][-1].get("layers_trained")
+    reached = {m: in_last_stage(r, full, summaries[m].get("stop", {}).get("reason") != "unfinished")
+               for m, r in runs.items()}
+    control = runs.get(CONTROL) if reached.get(CONTROL) else None
     entry: dict[str, Any] = {"target_eval_loss": target, "flops_budget": budget,
                              "target_final": summaries["fedit"]["stop"]["reason"] != "unfinished",
                              "targets": target_losses(fedit), "methods": {}}
@@ -138,7 +140,7 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int
         e["stop"] = s.get("stop", {"reason": "unknown"})
         e["ratios"] = cost_ratios(records, fedit)
         e["stages"] = stage_breakdown(records)
-        if m != "fedit":
+        if m != "fedit" and reached[m]:
             e["early"] = early_stages(records, fedit, control if m != CONTROL else None)
         entry["methods"][m] = e
     return entry, runs

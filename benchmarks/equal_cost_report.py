@@ -103,6 +103,12 @@ def last_stage(records: Records) -> tuple[dict[str, Any], Records]:
     return before[-1], inside
 
 
+def in_last_stage(records: Records, full_layers: int | None, finished: bool) -> bool:
+    """Whether a run's records reach its last stage: a finished run's do; an unfinished run's
+    once it trains all `full_layers` (before that its "last stage" is an early one)."""
+    return finished or records[-1].get("layers_trained") == full_layers
+
+
 def early_stages(records: Records, fedit: Records,
                  control: Records | None) -> dict[str, Any]:
     """Did the early stages buy anything? The full model's loss when the last stage starts;
@@ -154,10 +160,10 @@ def summarize(per_seed: list[dict[str, Any]], method: str) -> dict[str, Any]:
     for name in (entries[0]["ratios"] if entries else {}):
         out["ratios"][name] = {f"{axis}_ratio": spread([e["ratios"][name][f"{axis}_ratio"]
                                                         for e in entries]) for axis in AXES}
-    if entries and "early" in entries[0]:
-        out["last_stage_start_loss"] = spread([e["early"]["last_stage_start_loss"]
-                                               for e in entries])
-        out["early_flops_ratio"] = spread([e["early"]["early_flops_ratio"] for e in entries])
+    early = [e["early"] for e in entries if "early" in e]
+    if early:
+        out["last_stage_start_loss"] = spread([e["last_stage_start_loss"] for e in early])
+        out["early_flops_ratio"] = spread([e["early_flops_ratio"] for e in early])
     return out
 
 
@@ -256,11 +262,10 @@ def markdown(results: dict[str, Any]) -> str:
                   "| method | seed | start loss | early FLOPs / FedIT's to that loss | "
                   "k = 1 | k = 2 | k = 4 | k = 8 |", "|---" * 8 + "|"]
         for s in seeds:
-            full = s["methods"]["fedit"]["stages"][0]["layers"]
             for m, e in s["methods"].items():
+                if "early" not in e:
+                    continue  # FedIT, or an unfinished run before its last stage
                 unfinished = e["stop"]["reason"] == "unfinished"
-                if "early" not in e or (unfinished and e["stages"][-1]["layers"] != full):
-                    continue  # an unfinished run's rows once it trains the full model
                 ea = e["early"]
                 ks = [ea["after_k_last_stage_rounds"].get(k) or
                       ea["after_k_last_stage_rounds"].get(str(k), {}) for k in LAST_STAGE_ROUNDS]

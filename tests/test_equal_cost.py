@@ -10,7 +10,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import equal_cost  # noqa: E402
-from equal_cost_report import _fuses, cost_ratios, early_stages, stage_breakdown  # noqa: E402
+from equal_cost_report import (  # noqa: E402
+    _fuses,
+    cost_ratios,
+    early_stages,
+    in_last_stage,
+    stage_breakdown,
+    summarize,
+)
 
 from devft.errors import ConfigError  # noqa: E402
 
@@ -46,6 +53,23 @@ def test_stage_breakdown_and_early_stage_comparison():
     after = early["after_k_last_stage_rounds"]
     assert after[1] == {"loss": 2.9, "fedit": 3.0, "control": 3.5}
     assert after[4]["loss"] is None
+
+
+def test_early_stage_numbers_only_once_a_run_reaches_its_last_stage():
+    """An unfinished run still in an early stage has no last stage to read; summarize spreads
+    the early-stage numbers over the seeds that have them."""
+    early_only = [dict(r, layers_trained=4) for r in STAGED[:3]]
+    assert not in_last_stage(early_only, 30, finished=False)
+    assert in_last_stage(early_only, 30, finished=True)
+    assert in_last_stage([*early_only, dict(STAGED[3], layers_trained=30)], 30, finished=False)
+    entry = {"final_eval_loss": 2.2, "rounds": 4, "total_client_flops": 20, "total_bytes": 80,
+             "stop": {"reason": "target"}, "ratios": cost_ratios(STAGED, FEDIT)}
+    with_early = dict(entry, early=early_stages(STAGED, FEDIT, None))
+    cut = dict(entry, stop={"reason": "unfinished"})
+    out = summarize([{"methods": {"devft": cut}}, {"methods": {"devft": with_early}}], "devft")
+    assert out["seeds"] == 2 and out["last_stage_start_loss"]["mean"] == 3.8
+    assert (out["last_stage_start_loss"]["reached"], out["last_stage_start_loss"]["of"]) == (1, 1)
+    assert "early_flops_ratio" not in summarize([{"methods": {"devft": cut}}], "devft")
 
 
 def test_stage_breakdown_carries_what_explains_each_stage():

@@ -191,6 +191,7 @@ def test_offsite_plugs_the_trained_adapter_back_into_the_same_layers_exactly(off
         assert all(torch.equal(full[layer][k], v) for k, v in old[layer].items())
     assert model.stage_report["frozen_layers"] == [1]
     assert math.isfinite(model.stage_report["start_calib_loss"])
+    assert model.stage_report["beta"] is None  # singletons only: nothing fused, no β applied
 
 
 # ---- calibrated fusion -------------------------------------------------------------------------

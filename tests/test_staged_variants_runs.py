@@ -50,6 +50,8 @@ def test_every_stage_reports_its_submodel_quality_at_start(variant_runs, method)
     for start, stage in zip(starts, summary["stages"]):
         assert math.isfinite(start["start_calib_loss"]) and start["start_calib_loss"] > 0
         assert stage["start_calib_loss"] == start["start_calib_loss"]
+        singletons = all(len(g) == 1 for g in stage["groups"])
+        assert (start["beta"] is None) == singletons  # β only where layers are fused
 
 
 def test_devft_boundary_keeps_first_and_last_layer_alone(variant_runs):

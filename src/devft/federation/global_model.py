@@ -90,7 +90,8 @@ class GlobalModel:
         """The stage's plan (groups, fusion) and its submodel's initial LoRA.
 
         Also fills `stage_report` with what explains the stage's start: both adapters' norms,
-        the fusion cross term, the groups that got a fresh init and those whose β was clamped.
+        the fusion cross term, the groups that got a fresh init and those whose β was clamped,
+        and the β and residual exponent fused with (None when every group is one layer).
         """
         groups, frozen = self.group_and_frozen(stage.num_layers)
         plan = StagePlan(stage.index, tuple(tuple(g) for g in groups), self.cfg.devft.beta,
@@ -110,13 +111,14 @@ class GlobalModel:
                      plan.beta, plan.residual, ", ".join(
                          f"{t['beta']:g}/{t['residual']:g}: {t['calib_loss']:.3f}" for t in tried))
         sub, fresh = self.initial_adapter(plan)
+        fuses = any(len(g) > 1 for g in groups)  # β and γ act on groups of 2+ layers only
         self.stage_report = {
             **stage_start_report(self.lora, sub, groups, plan.beta, plan.fusion, self.prefix,
                                  self.cfg.lora.r),
             "fresh_init_groups": fresh,
             "clamped_groups": clamped_groups(groups, plan.beta, plan.fusion),
-            "beta": plan.beta,
-            "residual_exponent": plan.residual,
+            "beta": plan.beta if fuses else None,
+            "residual_exponent": plan.residual if fuses else None,
             "frozen_layers": list(frozen),
             "start_calib_loss": self.calib_submodel(plan, sub),
             **calibration,
