@@ -36,10 +36,10 @@ from equal_cost_report import (  # noqa: E402
     Records,
     cost_ratios,
     early_stages,
-    in_last_stage,
     loss,
     markdown,
     partial_summary,
+    reads_early_stages,
     stage_breakdown,
     summarize,
     target_losses,
@@ -127,9 +127,9 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int
         if got is not None:
             summaries[m], runs[m] = got
     fedit, full = runs["fedit"], runs["fedit"][-1].get("layers_trained")
-    reached = {m: in_last_stage(r, full, summaries[m].get("stop", {}).get("reason") != "unfinished")
-               for m, r in runs.items()}
-    control = runs.get(CONTROL) if reached.get(CONTROL) else None
+    readable = {m: reads_early_stages(r, full, summaries[m].get("stop", {}).get("reason")
+                                      != "unfinished") for m, r in runs.items()}
+    control = runs.get(CONTROL) if readable.get(CONTROL) else None
     entry: dict[str, Any] = {"target_eval_loss": target, "flops_budget": budget,
                              "target_final": summaries["fedit"]["stop"]["reason"] != "unfinished",
                              "targets": target_losses(fedit), "methods": {}}
@@ -140,7 +140,7 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int
         e["stop"] = s.get("stop", {"reason": "unknown"})
         e["ratios"] = cost_ratios(records, fedit)
         e["stages"] = stage_breakdown(records)
-        if m != "fedit" and reached[m]:
+        if m != "fedit" and readable[m]:
             e["early"] = early_stages(records, fedit, control if m != CONTROL else None)
         entry["methods"][m] = e
     return entry, runs

@@ -103,10 +103,11 @@ def last_stage(records: Records) -> tuple[dict[str, Any], Records]:
     return before[-1], inside
 
 
-def in_last_stage(records: Records, full_layers: int | None, finished: bool) -> bool:
-    """Whether a run's records reach its last stage: a finished run's do; an unfinished run's
-    once it trains all `full_layers` (before that its "last stage" is an early one)."""
-    return finished or records[-1].get("layers_trained") == full_layers
+def reads_early_stages(records: Records, full_layers: int | None, finished: bool) -> bool:
+    """Whether early_stages can read a run: it has early stages (offsite has one stage only)
+    and has reached its last one (finished, or training all `full_layers`)."""
+    staged = len({r["stage"] for r in records}) > 1
+    return staged and (finished or records[-1].get("layers_trained") == full_layers)
 
 
 def early_stages(records: Records, fedit: Records,
@@ -256,7 +257,8 @@ def markdown(results: dict[str, Any]) -> str:
                   " allocator's peak, on CPU the process's peak RSS, which in the in-process"
                   " simulation also holds the server's full model; the client memory of real"
                   " client processes is benchmarks/client_memory.py's.", ""]
-        lines += ["", "Did the early stages buy anything? Full-model loss when the last stage"
+        lines += ["", "Did the early stages buy anything? (methods with early stages; offsite"
+                  " has one stage) Full-model loss when the last stage"
                   " starts, and after k of its rounds; FedIT after k rounds from scratch;"
                   " control = `devft-notransfer` after k of its last stage:", "",
                   "| method | seed | start loss | early FLOPs / FedIT's to that loss | "
@@ -264,7 +266,7 @@ def markdown(results: dict[str, Any]) -> str:
         for s in seeds:
             for m, e in s["methods"].items():
                 if "early" not in e:
-                    continue  # FedIT, or an unfinished run before its last stage
+                    continue  # FedIT, a one-stage method, or a run before its last stage
                 unfinished = e["stop"]["reason"] == "unfinished"
                 ea = e["early"]
                 ks = [ea["after_k_last_stage_rounds"].get(k) or

@@ -14,7 +14,7 @@ from equal_cost_report import (  # noqa: E402
     _fuses,
     cost_ratios,
     early_stages,
-    in_last_stage,
+    reads_early_stages,
     stage_breakdown,
     summarize,
 )
@@ -55,13 +55,17 @@ def test_stage_breakdown_and_early_stage_comparison():
     assert after[4]["loss"] is None
 
 
-def test_early_stage_numbers_only_once_a_run_reaches_its_last_stage():
-    """An unfinished run still in an early stage has no last stage to read; summarize spreads
-    the early-stage numbers over the seeds that have them."""
+def test_early_stage_numbers_only_for_runs_with_early_stages_in_their_last_stage():
+    """An unfinished run still in an early stage has no last stage to read, a one-stage run
+    (offsite) no early stages; summarize spreads the early-stage numbers over the seeds that
+    have them."""
     early_only = [dict(r, layers_trained=4) for r in STAGED[:3]]
-    assert not in_last_stage(early_only, 30, finished=False)
-    assert in_last_stage(early_only, 30, finished=True)
-    assert in_last_stage([*early_only, dict(STAGED[3], layers_trained=30)], 30, finished=False)
+    assert not reads_early_stages([*early_only, dict(STAGED[3], layers_trained=8)], 30,
+                                  finished=False)  # cut off in its second, 8-layer stage
+    two_stages = [*early_only, dict(STAGED[3], layers_trained=30)]
+    assert reads_early_stages(two_stages, 30, finished=False)
+    assert reads_early_stages(two_stages, 30, finished=True)
+    assert not reads_early_stages(early_only, 30, finished=True)  # one stage: none early
     entry = {"final_eval_loss": 2.2, "rounds": 4, "total_client_flops": 20, "total_bytes": 80,
              "stop": {"reason": "target"}, "ratios": cost_ratios(STAGED, FEDIT)}
     with_early = dict(entry, early=early_stages(STAGED, FEDIT, None))
