@@ -162,11 +162,15 @@ def mc_for(run_dir: Path, cfg: RunConfig, methods: list[str], limit: int,
     return out
 
 
-def plot(curves: dict[str, dict[str, list[list[dict[str, Any]]]]], targets: dict[str, Any],
-         out: Path) -> list[Path]:
+Curves = dict[str, dict[str, list[tuple[Records, bool]]]]
+"""Per model and method, each seed's round records and whether that run is finished."""
+
+
+def plot(curves: Curves, targets: dict[str, Any], out: Path) -> list[Path]:
     """Per x axis one PNG, one column per model: thin lines per seed, a bold line for the mean
-    over seeds (on the mean x, up to the shortest seed's run), FedIT's targets dashed; the
-    lower row zooms in on the race to the 100 % target."""
+    over the finished seeds (on the mean x, up to the shortest one's run; over the running
+    ones if none is finished), FedIT's targets dashed; the lower row zooms in on the race
+    to the 100 % target."""
     paths = []
     for axis, key in AXES.items():
         label, scale = AXIS_LABELS[axis]
@@ -176,13 +180,17 @@ def plot(curves: dict[str, dict[str, list[list[dict[str, Any]]]]], targets: dict
                 ax = axes[row][col]
                 for i, (method, seeds) in enumerate([(m, r) for m, r in methods.items() if r]):
                     color = f"C{i}"
-                    for r in seeds:
+                    for r, _ in seeds:
                         ax.plot([x[key] * scale for x in r], [loss(x) for x in r],
                                 color=color, lw=0.6, alpha=0.35)
-                    n = min(len(r) for r in seeds)
-                    xs = np.mean([[r[j][key] for j in range(n)] for r in seeds], axis=0) * scale
-                    ys = np.mean([[loss(r[j]) for j in range(n)] for r in seeds], axis=0)
+                    done = [r for r, finished in seeds if finished]
+                    mean_of = done or [r for r, _ in seeds]
+                    n = min(len(r) for r in mean_of)
+                    xs = np.mean([[r[j][key] for j in range(n)] for r in mean_of], axis=0) * scale
+                    ys = np.mean([[loss(r[j]) for j in range(n)] for r in mean_of], axis=0)
                     count = f"{len(seeds)} seed" + ("s" if len(seeds) > 1 else "")
+                    running = len(seeds) - len(done)
+                    count += f", {running} running" if running else ""
                     ax.plot(xs, ys, color=color, lw=1.6, label=f"{method} ({count})")
                 goal = targets.get(model, {}).get("100%")
                 if row == 1 and goal is not None:
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preset = SMOKE if args.smoke else STUDY
     results: dict[str, Any] = {"settings": preset + args.set, "flops_factor": FLOPS_FACTOR,
                                "methods": ["fedit", *methods], "models": {}}
-    curves: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
+    curves: Curves = {}
     targets: dict[str, Any] = {}
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         name = Path(model).name
@@ -251,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["seed"] = seed
             per_seed.append(entry)
             for m, records in runs.items():
-                curves[name][m].append(records)
+                curves[name][m].append((records, m in finished))
         if not per_seed:
             del curves[name]
             continue
