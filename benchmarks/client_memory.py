@@ -44,14 +44,20 @@ CHILD = Path(__file__).with_name("client_memory_process.py")
 
 
 # ---- parent: the real ServerApp over a grid of client processes ----------------------------
-def _run_child(spec: dict, work: Path) -> dict:
-    (work / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(CHILD), str(work / "spec.json")],
-                          capture_output=True, text=True, env={**os.environ,
-                                                               "TOKENIZERS_PARALLELISM": "false"})
+def _child_json(arg: str, env: dict[str, str] | None = None) -> dict:
+    """Run CHILD with `arg` (a spec path, `floor` or `floor-strict`) in a fresh process; its
+    last stdout line, parsed."""
+    proc = subprocess.run([sys.executable, str(CHILD), arg], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"client process failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_child(spec: dict, work: Path) -> dict:
+    (work / "spec.json").write_text(json.dumps(spec))
+    return _child_json(str(work / "spec.json"),
+                       {**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
 
 def _variants(legacy: bool) -> list[dict[str, Any]]:
@@ -251,9 +257,7 @@ def main() -> None:
 
 
 def _run_child_floor(kind: str) -> int:
-    proc = subprocess.run([sys.executable, str(CHILD), kind], capture_output=True,
-                          text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["floor"]["VmHWM"]
+    return _child_json(kind)["floor"]["VmHWM"]
 
 
 def _plot(report: dict, path: Path) -> None:
