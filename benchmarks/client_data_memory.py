@@ -25,7 +25,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from client_memory import MIB, status  # noqa: E402  (this process's VmHWM, VmRSS, ...)
+from client_memory import MIB  # noqa: E402
+from client_memory_process import status  # noqa: E402  (this process's VmHWM, VmRSS, ...)
 from common import run_script  # noqa: E402
 
 LIBRARIES = ("datasets", "pyarrow", "flwr_datasets")

@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from common import int_list, run_script  # noqa: E402
+from equal_cost_ledger import LEDGER, load_ledger, with_ledger  # noqa: E402
 from equal_cost_report import (  # noqa: E402
     AXES,
     Records,
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="run nothing: report every saved run of the study under --out, "
                          "finished or not (a live study may be read)")
     ap.add_argument("--out", default="runs/bench/equal-cost")
+    ap.add_argument("--ledger", default=str(LEDGER),
+                    help="a frozen earlier report whose entries stand in for runs whose "
+                         "records are lost (equal_cost_ledger.py); 'none': records only")
     args = ap.parse_args(argv)
     setup_logging(verbose=False)
     methods, out = method_list(args.methods), Path(args.out)
@@ -243,23 +247,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         name = Path(model).name
         per_seed, curves[name] = [], {m: [] for m in ["fedit", *methods]}
+        held = load_ledger(None if args.ledger == "none" else Path(args.ledger), name)
         for seed in args.seeds:
             base = load_config(args.config, [*preset, *args.set, f"seed={seed}",
                                              f"model.path={model}"])
             run_dir = out / name / f"seed-{seed}"
             got = run_seed(base, run_dir, methods, args.max_rounds, args.report_only)
-            if got is None:
-                continue
-            entry, runs = got
-            finished = [m for m, e in entry["methods"].items()
+            entry, runs = got if got is not None else (None, {})
+            finished = [m for m, e in (entry or {"methods": {}})["methods"].items()
                         if e["stop"]["reason"] != "unfinished"]
+            for m, records in runs.items():
+                curves[name][m].append((records, m in finished))
+            entry = with_ledger(entry, held.get(seed))
+            if entry is None:
+                continue
             if args.mc_limit or args.report_only:
                 mc = [m for m in args.mc_methods.split(",") if m in finished]
                 entry["mc"] = mc_for(run_dir, base, mc, args.mc_limit, not args.report_only)
             entry["seed"] = seed
+            entry["methods"] = {m: e for m, e in entry["methods"].items()
+                                if m in ("fedit", *methods)}
             per_seed.append(entry)
-            for m, records in runs.items():
-                curves[name][m].append((records, m in finished))
         if not per_seed:
             del curves[name]
             continue

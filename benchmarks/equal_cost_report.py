@@ -217,20 +217,23 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# Equal-cost study: tables", "",
              "Ratios are a method's cost to reach the target over FedIT's (< 1: cheaper), mean"
              " ± std over the seeds that reached it (reached/of). `*`: a run not finished yet"
-             " (its numbers are its rounds so far).", ""]
+             " (its numbers are its rounds so far). `‡`: a run whose round records are lost,"
+             " its numbers from the ledger (benchmarks/equal_cost_ledger.py); it has no"
+             " curve in the plots.", ""]
     for model, r in results["models"].items():
         seeds = r["per_seed"]
         provisional = [str(s["seed"]) for s in seeds if not s.get("target_final", True)]
         lines += [f"## {model}", "", "FedIT's plateau loss (the target) per seed: " + ", ".join(
             f"seed {s['seed']} {s['target_eval_loss']:.3f}" for s in seeds)
             + (f" (provisional, FedIT unfinished: seed {', '.join(provisional)})"
-               if provisional else ""), "",
+               if provisional else ""), "", *_ledger_lines(seeds),
             "| method | seeds | final loss | FLOPs to 50 % | FLOPs to 90 % | FLOPs to 100 % "
             "| bytes to 100 % | time to 100 % | stop |", "|---" * 9 + "|"]
         for m, s in r["summary"].items():
             if not s["seeds"]:
                 continue
             star = "*" if "unfinished" in s["stop_reasons"] else ""
+            star += "‡" if any(e["methods"].get(m, {}).get("source") for e in seeds) else ""
             rat = s["ratios"]
             lines.append(f"| {m}{star} | {s['seeds']} | {_cell(s['final_eval_loss'], 3, '')} | "
                          + " | ".join(_cell(rat[t]["flops_ratio"]) for t in ("50%", "90%",
@@ -247,6 +250,7 @@ def markdown(results: dict[str, Any]) -> str:
             full = s["methods"]["fedit"]["stages"][0]["layers"]
             for m, e in s["methods"].items():
                 star = "*" if e["stop"]["reason"] == "unfinished" else ""
+                star += "‡" if e.get("source") else ""
                 for st in e["stages"]:
                     extras = _stage_extras(st, full, _fuses(m))
                     lines.append(f"| {m}{star} | {s['seed']} | {st['stage']} | {st['layers']} | "
@@ -271,10 +275,31 @@ def markdown(results: dict[str, Any]) -> str:
                 ea = e["early"]
                 ks = [ea["after_k_last_stage_rounds"].get(k) or
                       ea["after_k_last_stage_rounds"].get(str(k), {}) for k in LAST_STAGE_ROUNDS]
-                lines.append(f"| {m}{'*' if unfinished else ''} | {s['seed']} | "
+                mark = ("*" if unfinished else "") + ("‡" if e.get("source") else "")
+                lines.append(f"| {m}{mark} | {s['seed']} | "
                              f"{_num(ea['last_stage_start_loss'])} | "
                              f"{_num(ea['early_flops_ratio'], 2)} | " + " | ".join(
                                  f"{_num(k.get('loss'))} (FedIT {_num(k.get('fedit'))}, "
                                  f"control {_num(k.get('control'))})" for k in ks) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _ledger_lines(seeds: list[dict[str, Any]]) -> list[str]:
+    """Per seed, what came from the ledger and whether a FedIT rerun reproduced its target."""
+    lines = []
+    for s in seeds:
+        held = s.get("ledger")
+        if not held:
+            continue
+        if held["whole_seed"]:
+            text = "all methods from the ledger" + (
+                f" (rerunning here: {', '.join(held['rerunning'])})" if held["rerunning"] else "")
+        else:
+            c = held["fedit_check"]
+            text = (f"FedIT rerun: target {c['target'][0]:.6f} in {c['fedit_rounds'][0]} rounds,"
+                    f" ledger {c['target'][1]:.6f} in {c['fedit_rounds'][1]}"
+                    + ("; from the ledger: " + ", ".join(held["methods"]) if held["methods"]
+                       else "" if c["same_target"] else "; targets differ, ledger not used"))
+        lines.append(f"- seed {s['seed']}: {text}")
+    return [*lines, ""] if lines else []

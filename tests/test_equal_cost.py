@@ -1,6 +1,7 @@
 """benchmarks/equal_cost.py (issue 13) end to end on the tiny model, and its report functions."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def test_smoke_study_runs_end_to_end_and_reuses_its_runs(tiny_model_dir, tiny_da
     equal_cost.main(argv)  # finished runs are reused, not rerun
     assert (tmp_path / Path(tiny_model_dir).name / "seed-0" / "devft" / "summary.json"
             ).stat().st_mtime_ns == stamp
+    full = json.loads((tmp_path / "equal_cost.json").read_text())
     _report_only_reads_saved_runs_and_marks_unfinished(argv, tmp_path, tiny_model_dir)
+    _a_ledger_stands_in_for_lost_runs(argv, tmp_path, tiny_model_dir, full)
 
 
 def _report_only_reads_saved_runs_and_marks_unfinished(argv, tmp_path, tiny_model_dir):
@@ -160,6 +163,28 @@ def _report_only_reads_saved_runs_and_marks_unfinished(argv, tmp_path, tiny_mode
     table = (tmp_path / "equal_cost.md").read_text()
     assert "| progfed* | 2 |" in table and "| devft | 2 |" in table
     assert "| devft-notransfer | 1 |" in table
+
+
+def _a_ledger_stands_in_for_lost_runs(argv, tmp_path, tiny_model_dir, full):
+    """With a frozen report as --ledger: a seed whose runs are all gone comes whole from it,
+    a lost run beside FedIT's records (same target) too; runs on disk win."""
+    name = Path(tiny_model_dir).name
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(json.dumps(full))
+    shutil.rmtree(tmp_path / name / "seed-1")
+    shutil.rmtree(tmp_path / name / "seed-0" / "devft")
+    report = equal_cost.main([*argv, "--report-only", "--ledger", str(ledger)])
+    seed0, seed1 = report["models"][name]["per_seed"]
+    before0, before1 = full["models"][name]["per_seed"]
+    assert seed1["ledger"]["whole_seed"] and seed1["methods"]["devft"]["source"] == "ledger"
+    assert seed1["methods"]["devft"]["ratios"] == before1["methods"]["devft"]["ratios"]
+    # devft's folder is gone, the control's config too (the step before): both from the ledger
+    assert seed0["ledger"]["methods"] == ["devft", "devft-notransfer"]
+    assert seed0["ledger"]["fedit_check"]["same_target"]
+    assert seed0["methods"]["devft"]["final_eval_loss"] == before0["methods"]["devft"][
+        "final_eval_loss"]
+    assert seed0["methods"]["progfed"]["stop"] == {"reason": "unfinished"}  # records win
+    assert "‡" in (tmp_path / "equal_cost.md").read_text()
 
 
 def test_report_only_without_runs_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
