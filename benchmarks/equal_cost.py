@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from devft.cli import setup_logging  # noqa: E402
 from devft.comparison import run_or_reuse, saved_run  # noqa: E402
 from devft.config import RunConfig, load_config  # noqa: E402
 from devft.errors import ConfigError  # noqa: E402
+from devft.evaluation.adapters import SAFE_WEIGHTS  # noqa: E402
 from devft.methods import METHODS  # noqa: E402
 from devft.reporting.recorder import read_metrics  # noqa: E402
 
@@ -69,6 +71,7 @@ SMOKE = ["federation.num_clients=4", "train.local_steps=2", "train.batch_size=2"
          "stop.min_rounds=2", "stop.max_rounds=4", "stop.window=1", "output.progress=false"]
 """--smoke: a tiny budget for a test on a tiny model (replaces STUDY)."""
 FLOPS_FACTOR = 1.5
+log = logging.getLogger("equal_cost")
 AXIS_LABELS = {"flops": ("cumulative client FLOPs", 1.0),
                "bytes": ("cumulative MB (up + down)", 1e-6),
                "time": ("wall time (s, excl. evaluation)", 1.0)}
@@ -149,14 +152,18 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int
 
 def mc_for(run_dir: Path, cfg: RunConfig, methods: list[str], limit: int,
            compute: bool = True) -> dict[str, Any]:
-    """MC accuracy of the final adapters (benchmarks/convergence.py's harness), cached; with
-    compute False only the cached ones."""
+    """MC accuracy of the final adapters (benchmarks/convergence.py's harness), cached in
+    the run's mc_eval.json; with compute False only the cached ones. A run whose adapter
+    weights are not here (records from another checkout) is skipped, with a warning."""
     from convergence import mc_accuracy
 
     out = {}
     for m in methods:
         path = run_dir / m / "mc_eval.json"
         if not path.is_file() and compute:
+            if not (run_dir / m / "adapter" / SAFE_WEIGHTS).is_file():
+                log.warning("%s: no adapter weights in %s, no MC accuracy", m, run_dir / m)
+                continue
             path.write_text(json.dumps(mc_accuracy(run_dir / m, cfg, limit), indent=2))
         if path.is_file():
             out[m] = json.loads(path.read_text())
@@ -229,8 +236,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--mc-methods", default="fedit,devft")
     ap.add_argument("--smoke", action="store_true", help="tiny budget (tests, tiny models)")
     ap.add_argument("--report-only", action="store_true",
-                    help="run nothing: report every saved run of the study under --out, "
-                         "finished or not (a live study may be read)")
+                    help="train nothing: report every saved run of the study under --out, "
+                         "finished or not (a live study may be read); with --mc-limit, "
+                         "also score the finished runs' adapters that have no MC yet")
     ap.add_argument("--out", default="runs/bench/equal-cost")
     ap.add_argument("--ledger", default=str(LEDGER),
                     help="a frozen earlier report whose entries stand in for runs whose "
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             if args.mc_limit or args.report_only:
                 mc = [m for m in args.mc_methods.split(",") if m in finished]
-                entry["mc"] = mc_for(run_dir, base, mc, args.mc_limit, not args.report_only)
+                entry["mc"] = mc_for(run_dir, base, mc, args.mc_limit, args.mc_limit > 0)
             entry["seed"] = seed
             entry["methods"] = {m: e for m, e in entry["methods"].items()
                                 if m in ("fedit", *methods)}

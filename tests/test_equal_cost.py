@@ -136,6 +136,7 @@ def test_smoke_study_runs_end_to_end_and_reuses_its_runs(tiny_model_dir, tiny_da
             ).stat().st_mtime_ns == stamp
     full = json.loads((tmp_path / "equal_cost.json").read_text())
     _report_only_reads_saved_runs_and_marks_unfinished(argv, tmp_path, tiny_model_dir)
+    _report_only_scores_mc_of_adapters_on_disk(argv, tmp_path, tiny_model_dir)
     _a_ledger_stands_in_for_lost_runs(argv, tmp_path, tiny_model_dir, full)
 
 
@@ -163,6 +164,24 @@ def _report_only_reads_saved_runs_and_marks_unfinished(argv, tmp_path, tiny_mode
     table = (tmp_path / "equal_cost.md").read_text()
     assert "| progfed* | 2 |" in table and "| devft | 2 |" in table
     assert "| devft-notransfer | 1 |" in table
+
+
+def _report_only_scores_mc_of_adapters_on_disk(argv, tmp_path, tiny_model_dir):
+    """--report-only --mc-limit trains nothing but scores finished runs' adapters, once
+    (cached in mc_eval.json); a run whose adapter weights are gone is skipped."""
+    seeds = tmp_path / Path(tiny_model_dir).name
+    (seeds / "seed-0" / "devft" / "adapter" / "adapter_model.safetensors").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.jsonl")}
+    mc_argv = [*argv, "--report-only", "--mc-limit", "2", "--mc-methods", "fedit,devft"]
+    report = equal_cost.main(mc_argv)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.jsonl")} == stamps
+    seed0, seed1 = report["models"][Path(tiny_model_dir).name]["per_seed"]
+    assert set(seed0["mc"]) == {"fedit"} and set(seed1["mc"]) == {"fedit", "devft"}
+    assert 0.0 <= seed1["mc"]["devft"]["acc"] <= 1.0
+    cached = seeds / "seed-1" / "devft" / "mc_eval.json"
+    stamp = cached.stat().st_mtime_ns
+    assert equal_cost.main(mc_argv)["models"][Path(tiny_model_dir).name]["per_seed"][1][
+        "mc"] == seed1["mc"] and cached.stat().st_mtime_ns == stamp
 
 
 def _a_ledger_stands_in_for_lost_runs(argv, tmp_path, tiny_model_dir, full):
