@@ -281,6 +281,7 @@ def markdown(results: dict[str, Any]) -> str:
                              f"{_num(ea['early_flops_ratio'], 2)} | " + " | ".join(
                                  f"{_num(k.get('loss'))} (FedIT {_num(k.get('fedit'))}, "
                                  f"control {_num(k.get('control'))})" for k in ks) + " |")
+        lines += _mc_lines(seeds)
         lines.append("")
     return "\n".join(lines)
 
@@ -303,3 +304,24 @@ def _ledger_lines(seeds: list[dict[str, Any]]) -> list[str]:
                        else "" if c["same_target"] else "; targets differ, ledger not used"))
         lines.append(f"- seed {s['seed']}: {text}")
     return [*lines, ""] if lines else []
+
+
+def _mc_lines(seeds: list[dict[str, Any]]) -> list[str]:
+    """Multiple-choice accuracy of the final adapters, per seed and group, with the binomial
+    standard error √(p(1−p)/n)."""
+    rows = []
+    for s in seeds:
+        for m, r in (s.get("mc") or {}).items():
+            cells = []
+            for g in ("trained_heldout", "unseen"):
+                v = r["groups"].get(g)
+                cells.append(f"{v['acc']:.3f} ± {math.sqrt(v['acc'] * (1 - v['acc']) / v['n']):.3f}"
+                             f" (n {v['n']})" if v and v["n"] else "–")
+            rows.append(f"| {m} | {s['seed']} | {r['acc']:.3f} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "Multiple-choice accuracy of the final adapters (acc; ± one standard error;"
+            " `trained_heldout`: held-out rows of tasks in the training mixture, as many as"
+            " the split holds; `unseen`: tasks not trained on):", "",
+            "| method | seed | mean over tasks | trained, held-out rows | unseen tasks |",
+            "|---" * 5 + "|", *rows]

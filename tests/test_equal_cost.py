@@ -210,3 +210,13 @@ def test_report_only_without_runs_is_a_clear_error(tiny_model_dir, tmp_path, cap
     with pytest.raises(ConfigError, match="--out"):
         equal_cost.main(["--report-only", "--smoke", "--models", str(tiny_model_dir),
                          "--seeds", "0", "--methods", "devft", "--out", str(tmp_path)])
+
+
+def test_mc_table_gives_each_group_its_standard_error():
+    from equal_cost_report import _mc_lines
+
+    mc = {"fedit": {"acc": 0.5, "groups": {"trained_heldout": {"acc": 0.64, "n": 100},
+                                           "unseen": {"acc": 0.25, "n": 300}}}}
+    lines = _mc_lines([{"seed": 2, "mc": mc}, {"seed": 3, "mc": {}}])
+    assert "| fedit | 2 | 0.500 | 0.640 ± 0.048 (n 100) | 0.250 ± 0.025 (n 300) |" in lines
+    assert _mc_lines([{"seed": 0}]) == []
