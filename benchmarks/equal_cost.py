@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir = out / name / f"seed-{seed}"
             got = run_seed(base, run_dir, methods, args.max_rounds, args.report_only)
             entry, runs = got if got is not None else (None, {})
-            finished = [m for m, e in (entry or {"methods": {}})["methods"].items()
-                        if e["stop"]["reason"] != "unfinished"]
+            finished = [m for m, e in entry["methods"].items()
+                        if e["stop"]["reason"] != "unfinished"] if entry else []
             for m, records in runs.items():
                 curves[name][m].append((records, m in finished))
             entry = with_ledger(entry, held.get(seed))

@@ -37,8 +37,6 @@ def _marked(entry: dict[str, Any]) -> dict[str, Any]:
     return {**copy.deepcopy(entry), "source": "ledger"}
 
 
-def _finished(entry: dict[str, Any] | None) -> bool:
-    return bool(entry) and entry["methods"]["fedit"]["stop"]["reason"] != "unfinished"
 
 
 def same_target(a: float, b: float) -> bool:
@@ -55,7 +53,7 @@ def with_ledger(entry: dict[str, Any] | None,
         return entry
     held = {**held, "methods": {m: e for m, e in held["methods"].items()
                                 if e["stop"]["reason"] != "unfinished"}}
-    if not _finished(entry):
+    if not (entry and entry["target_final"]):
         out = copy.deepcopy(held)
         out["methods"] = {m: _marked(e) for m, e in held["methods"].items()}
         running = sorted(entry["methods"]) if entry else []

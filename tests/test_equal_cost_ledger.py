@@ -21,7 +21,7 @@ def _method(reason, loss, control_k1=None):
 
 
 def _entry(target, fedit_reason="plateau", **methods):
-    return {"target_eval_loss": target, "seed": 1,
+    return {"target_eval_loss": target, "seed": 1, "target_final": fedit_reason != "unfinished",
             "methods": {"fedit": _method(fedit_reason, target), **methods}}
 
 
