@@ -240,12 +240,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "finished or not (a live study may be read); with --mc-limit, "
                          "also score the finished runs' adapters that have no MC yet")
     ap.add_argument("--out", default="runs/bench/equal-cost")
-    ap.add_argument("--ledger", default=str(LEDGER),
+    ap.add_argument("--ledger", default=None,
                     help="a frozen earlier report whose entries stand in for runs whose "
-                         "records are lost (equal_cost_ledger.py); 'none': records only")
+                         f"records are lost (equal_cost_ledger.py; default {LEDGER} where "
+                         "it exists); 'none': records only")
     args = ap.parse_args(argv)
     setup_logging(verbose=False)
     methods, out = method_list(args.methods), Path(args.out)
+    if args.ledger not in (None, "none") and not Path(args.ledger).is_file():
+        raise ConfigError("--ledger", args.ledger, "an equal_cost.json report, or 'none'")
+    ledger = None if args.ledger == "none" else Path(args.ledger or LEDGER)
     out.mkdir(parents=True, exist_ok=True)
     preset = SMOKE if args.smoke else STUDY
     results: dict[str, Any] = {"settings": preset + args.set, "flops_factor": FLOPS_FACTOR,
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         name = Path(model).name
         per_seed, curves[name] = [], {m: [] for m in ["fedit", *methods]}
-        held = load_ledger(None if args.ledger == "none" else Path(args.ledger), name)
+        held = load_ledger(ledger, name)
         for seed in args.seeds:
             base = load_config(args.config, [*preset, *args.set, f"seed={seed}",
                                              f"model.path={model}"])

@@ -206,6 +206,13 @@ def _a_ledger_stands_in_for_lost_runs(argv, tmp_path, tiny_model_dir, full):
     assert "‡" in (tmp_path / "equal_cost.md").read_text()
 
 
+def test_a_missing_ledger_file_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--ledger"):
+        equal_cost.main(["--report-only", "--smoke", "--models", str(tiny_model_dir),
+                         "--seeds", "0", "--methods", "devft", "--out", str(tmp_path),
+                         "--ledger", str(tmp_path / "absent.json")])
+
+
 def test_report_only_without_runs_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--out"):
         equal_cost.main(["--report-only", "--smoke", "--models", str(tiny_model_dir),
