@@ -1,0 +1,126 @@
+"""Keep the equal-cost study's work across checkouts: stage it for a commit.
+
+A session's checkout does not outlive it, and weights are ignored (.gitignore), so without
+this a run cut at the session's end starts again from scratch on the next checkout, and a
+finished run's adapter is gone before its MC accuracy is scored. Per run under --out:
+- every run: its records (metrics.jsonl, summary.json, config.json, mc_eval.json, loss.png);
+- a cut run (no summary.json): its latest checkpoint (`checkpoints/latest.json` and the round
+  directory it names; older rounds leave the index), so the next checkout resumes it;
+- a finished run: its checkpoints leave the index; its adapter weights are kept while it has
+  no mc_eval.json and leave the index once it has one.
+
+    python benchmarks/study_keep.py [--out results/equal-cost] [--dry-run]
+    git commit -m "Equal-cost study: ..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import run_script
+
+from devft.errors import ConfigError
+from devft.evaluation.adapters import SAFE_WEIGHTS
+from devft.federation.checkpoint import CHECKPOINTS
+
+RECORDS = ("metrics.jsonl", "summary.json", "config.json", "mc_eval.json", "loss.png")
+
+
+@dataclass
+class Plan:
+    """What to stage: plain adds, forced adds of ignored files, and removals from the index."""
+
+    add: list[Path] = field(default_factory=list)
+    force: list[Path] = field(default_factory=list)
+    drop: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def run_dirs(out: Path) -> list[Path]:
+    """Every run directory under out (one holding a config.json), sorted."""
+    return sorted(p.parent for p in out.rglob("config.json") if CHECKPOINTS not in p.parts)
+
+
+def latest_checkpoint(run: Path) -> list[Path]:
+    """latest.json and the files of the round directory it names ([] when none is complete)."""
+    root = run / CHECKPOINTS
+    try:
+        name = json.loads((root / "latest.json").read_text())["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    files = sorted(p for p in (root / str(name)).glob("*") if p.is_file())
+    return [root / "latest.json", *files] if files else []
+
+
+def plan_run(run: Path) -> Plan:
+    """The staging of one run directory (see the module docstring)."""
+    plan = Plan(add=[run / f for f in RECORDS if (run / f).is_file()])
+    weights = run / "adapter" / SAFE_WEIGHTS
+    if (run / "summary.json").is_file():
+        plan.drop.append(run / CHECKPOINTS)
+        if (run / "mc_eval.json").is_file():
+            plan.drop.append(weights)
+        elif weights.is_file():
+            plan.force.append(weights)
+            plan.notes.append(f"{run}: finished, adapter kept for its MC accuracy")
+        return plan
+    checkpoint = latest_checkpoint(run)
+    if checkpoint:
+        plan.drop.append(run / CHECKPOINTS)
+        plan.force.extend(checkpoint)
+        plan.notes.append(f"{run}: cut, checkpoint {checkpoint[1].parent.name} kept")
+    else:
+        plan.notes.append(f"{run}: cut before its first checkpoint; it will start again")
+    return plan
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True)
+
+
+def stage(plan: Plan, root: Path) -> None:
+    """Apply a plan to the git index of the repository at root (drops first, then adds)."""
+    if plan.drop:
+        _git(root, "rm", "-r", "-q", "--cached", "--ignore-unmatch", "--",
+             *map(str, plan.drop))
+    if plan.add:
+        _git(root, "add", "--", *map(str, plan.add))
+    if plan.force:
+        _git(root, "add", "-f", "--", *map(str, plan.force))
+
+
+def main(argv: list[str] | None = None) -> list[Plan]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="results/equal-cost", help="the study's output folder")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan, stage nothing")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    if not out.is_dir():
+        raise ConfigError("--out", args.out, "the study's output folder (results/equal-cost)")
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=out, text=True,
+                         capture_output=True)
+    if top.returncode != 0:
+        raise ConfigError("--out", args.out, "a folder inside a git checkout")
+    root, plans = Path(top.stdout.strip()), []
+    for run in run_dirs(out):
+        for attempt in range(3):  # a live run may replace its checkpoint meanwhile
+            plan = plan_run(run)
+            try:
+                if not args.dry_run:
+                    stage(plan, root)
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 2:
+                    raise
+        plans.append(plan)
+        for note in plan.notes:
+            print(note)
+    return plans
+
+
+if __name__ == "__main__":
+    run_script(main)

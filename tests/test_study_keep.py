@@ -1,0 +1,105 @@
+"""benchmarks/study_keep.py: a cut run's latest checkpoint and an unscored adapter are staged
+for a commit, so the next checkout resumes and scores them; nothing else that is ignored."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from study_keep import main  # noqa: E402
+
+from devft.errors import ConfigError  # noqa: E402
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, text=True,
+                          capture_output=True).stdout
+
+
+def _write(path: Path, text: str = "x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _checkpoint(run: Path, round_: int) -> None:
+    root = run / "checkpoints"
+    shutil.rmtree(root, ignore_errors=True)
+    _write(root / f"round-{round_:05d}" / "state.json", "{}")
+    _write(root / f"round-{round_:05d}" / "t000.safetensors", "w")
+    _write(root / "latest.json", json.dumps({"dir": f"round-{round_:05d}"}))
+
+
+@pytest.fixture
+def study(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    seed = repo / "results" / "equal-cost" / "m" / "seed-0"
+    cut, scored, unscored = seed / "devft", seed / "fedit", seed / "progfed"
+    for run in (cut, scored, unscored):
+        _write(run / "config.json", "{}")
+        _write(run / "metrics.jsonl", "{}\n")
+    for run in (scored, unscored):
+        _write(run / "summary.json", "{}")
+        _write(run / "adapter" / "adapter_model.safetensors", "w")
+        _checkpoint(run, 9)
+    _write(scored / "mc_eval.json", "{}")
+    _checkpoint(cut, 3)
+    _write(cut / "checkpoints" / ".round-00004.tmp" / "t000.safetensors", "half")
+    _write(cut / ".devft.lock", "")
+    return repo, seed
+
+
+def _tracked(repo: Path, seed: Path) -> set[str]:
+    prefix = str(seed.relative_to(repo)) + "/"
+    return {f[len(prefix):] for f in _git(repo, "ls-files").split()}
+
+
+def test_keeps_cut_checkpoints_and_unscored_adapters_only(study):
+    repo, seed = study
+    main(["--out", str(repo / "results" / "equal-cost")])
+    assert _tracked(repo, seed) == {
+        "devft/config.json", "devft/metrics.jsonl",
+        "devft/checkpoints/latest.json", "devft/checkpoints/round-00003/state.json",
+        "devft/checkpoints/round-00003/t000.safetensors",
+        "fedit/config.json", "fedit/metrics.jsonl", "fedit/summary.json", "fedit/mc_eval.json",
+        "progfed/config.json", "progfed/metrics.jsonl", "progfed/summary.json",
+        "progfed/adapter/adapter_model.safetensors"}
+
+
+def test_a_later_keep_replaces_the_old_round_and_drops_what_is_done(study):
+    repo, seed = study
+    main(["--out", str(repo / "results" / "equal-cost")])
+    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "keep")
+    _checkpoint(seed / "devft", 5)  # the run went on
+    _write(seed / "progfed" / "mc_eval.json", "{}")  # and progfed was scored
+    main(["--out", str(repo / "results" / "equal-cost")])
+    tracked = _tracked(repo, seed)
+    assert "devft/checkpoints/round-00005/t000.safetensors" in tracked
+    assert not any("round-00003" in f for f in tracked)
+    assert "progfed/adapter/adapter_model.safetensors" not in tracked
+    assert "progfed/mc_eval.json" in tracked
+
+
+def test_dry_run_stages_nothing_and_a_finished_run_drops_its_checkpoint(study):
+    repo, seed = study
+    main(["--out", str(repo / "results" / "equal-cost"), "--dry-run"])
+    assert _tracked(repo, seed) == set()
+    main(["--out", str(repo / "results" / "equal-cost")])
+    _write(seed / "devft" / "summary.json", "{}")  # the cut run finished
+    main(["--out", str(repo / "results" / "equal-cost")])
+    assert not any(f.startswith("devft/checkpoints") for f in _tracked(repo, seed))
+
+
+def test_out_must_be_a_folder_in_a_checkout(tmp_path):
+    with pytest.raises(ConfigError, match="--out"):
+        main(["--out", str(tmp_path / "missing")])
+    with pytest.raises(ConfigError, match="git checkout"):
+        main(["--out", str(tmp_path)])
