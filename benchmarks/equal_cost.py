@@ -142,6 +142,7 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int
         e = {k: s[k] for k in ("rounds", "initial_eval_loss", "final_eval_loss",
                                "total_client_flops", "total_bytes", "wall_time_s")}
         e["stop"] = s.get("stop", {"reason": "unknown"})
+        e["hosts"] = s.get("hosts")
         e["ratios"] = cost_ratios(records, fedit)
         e["stages"] = stage_breakdown(records)
         if m != "fedit" and readable[m]:

@@ -226,7 +226,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"## {model}", "", "FedIT's plateau loss (the target) per seed: " + ", ".join(
             f"seed {s['seed']} {s['target_eval_loss']:.3f}" for s in seeds)
             + (f" (provisional, FedIT unfinished: seed {', '.join(provisional)})"
-               if provisional else ""), "", *_ledger_lines(seeds),
+               if provisional else ""), "", *_ledger_lines(seeds), *_host_lines(seeds),
             "| method | seeds | final loss | FLOPs to 50 % | FLOPs to 90 % | FLOPs to 100 % "
             "| bytes to 100 % | time to 100 % | stop |", "|---" * 9 + "|"]
         for m, s in r["summary"].items():
@@ -303,6 +303,21 @@ def _ledger_lines(seeds: list[dict[str, Any]]) -> list[str]:
                     + ("; from the ledger: " + ", ".join(held["methods"]) if held["methods"]
                        else "" if c["same_target"] else "; targets differ, ledger not used"))
         lines.append(f"- seed {s['seed']}: {text}")
+    return [*lines, ""] if lines else []
+
+
+def _host_lines(seeds: list[dict[str, Any]]) -> list[str]:
+    """Per seed, the CPU kernels each run used (the last digits of a loss depend on them):
+    runs grouped by their hosts' `cpu_capability`, "+" for a run resumed on another host."""
+    lines = []
+    for s in seeds:
+        by: dict[str, list[str]] = {}
+        for m, e in s["methods"].items():
+            caps = [h.get("cpu_capability", "not recorded") for h in e.get("hosts") or []]
+            by.setdefault("+".join(caps) or "not recorded", []).append(m)
+        if set(by) != {"not recorded"}:
+            lines.append(f"- seed {s['seed']}, CPU kernels: " + "; ".join(
+                f"{k} ({', '.join(v)})" for k, v in by.items()))
     return [*lines, ""] if lines else []
 
 

@@ -124,6 +124,8 @@ def test_smoke_study_runs_end_to_end_and_reuses_its_runs(tiny_model_dir, tiny_da
                 assert e["total_client_flops"] >= entry["flops_budget"]
             assert [s["rounds"] for s in e["stages"]][:-1] == [1, 1]  # early stages as set
             assert "last_stage_start_loss" in e["early"]
+            assert e["hosts"][0]["cpu_capability"]  # which CPU kernels ran it
+    assert "CPU kernels: " in (tmp_path / "equal_cost.md").read_text()
     summary = model["summary"]["devft"]
     assert summary["seeds"] == 2 and summary["final_eval_loss"]["std"] is not None
     for axis in ("flops", "bytes", "time"):
@@ -227,3 +229,15 @@ def test_mc_table_gives_each_group_its_standard_error():
     lines = _mc_lines([{"seed": 2, "mc": mc}, {"seed": 3, "mc": {}}])
     assert "| fedit | 2 | 0.500 | 0.640 ± 0.048 (n 100) | 0.250 ± 0.025 (n 300) |" in lines
     assert _mc_lines([{"seed": 0}]) == []
+
+
+def test_host_lines_group_runs_by_their_cpu_kernels():
+    from equal_cost_report import _host_lines
+
+    avx2, avx512 = {"cpu_capability": "AVX2"}, {"cpu_capability": "AVX512"}
+    seed = {"seed": 1, "methods": {"fedit": {"hosts": None}, "devft": {"hosts": [avx2]},
+                                   "layerdrop": {"hosts": [avx2]},
+                                   "progfed": {"hosts": [avx512, avx2]}}}
+    assert _host_lines([seed]) == ["- seed 1, CPU kernels: not recorded (fedit); AVX2 (devft, "
+                                   "layerdrop); AVX512+AVX2 (progfed)", ""]
+    assert _host_lines([{"seed": 0, "methods": {"fedit": {}}}]) == []

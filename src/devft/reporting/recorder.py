@@ -17,6 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from devft.files import append_line, atomic_write_json, atomic_write_text, read_jsonl
+from devft.reporting.host import UNRECORDED, host_fingerprint, with_host
 
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 
@@ -34,19 +35,21 @@ class RunRecorder:
         self.stages: list[dict[str, Any]] = []
         self.cum = {"bytes_down": 0, "bytes_up": 0, "client_flops": 0}
         self.eval_time = 0.0
+        self.hosts = [host_fingerprint()]
         self.start = time.perf_counter()
         self.bar = tqdm(total=total_rounds, desc=f"{method} rounds", disable=not progress)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs to continue this recorder."""
         return {"stages": self.stages, "cum": self.cum, "eval_time": self.eval_time,
-                "wall_time": self.wall_time()}
+                "wall_time": self.wall_time(), "hosts": self.hosts}
 
     def restore(self, state: dict[str, Any], records: list[dict[str, Any]]) -> None:
         """Continue from a checkpoint: its records (metrics.jsonl is rewritten to them),
         counters and clock (downtime between the crash and the resume is not counted)."""
         self.stages, self.cum = state["stages"], dict(state["cum"])
         self.eval_time = state["eval_time"]
+        self.hosts = with_host(list(state.get("hosts") or [UNRECORDED]), self.hosts[-1])
         self.start = time.perf_counter() - state["wall_time"] - self.eval_time
         self.records = list(records)
         atomic_write_text(self.path, "".join(json.dumps(_finite(r)) + "\n" for r in records))
@@ -104,6 +107,7 @@ class RunRecorder:
             "wall_time_s": last["wall_time_s"],
             "eval_time_s": round(self.eval_time, 3),
             "stages": self.stages,
+            "hosts": self.hosts,
             **extra,
         }
         atomic_write_json(self.out_dir / SUMMARY_FILE, _finite(summary))
