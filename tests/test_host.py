@@ -12,7 +12,7 @@ def _recorder(tmp_path, fresh=True):
 def test_fingerprint_names_the_cpu_kernels_and_threads():
     host = host_fingerprint()
     assert host["cpu"] and isinstance(host["cpu_capability"], str) and host["cpu_capability"]
-    assert host["threads"] >= 1 and host["torch"]
+    assert host["threads"] >= 1 and host["torch"] and host["transformers"] and host["peft"]
 
 
 def test_with_host_appends_only_a_new_host():

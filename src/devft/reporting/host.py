@@ -1,4 +1,4 @@
-"""Which machine ran a run: the facts that decide its last digits and its wall time.
+"""Which machine and libraries ran a run: what decides its last digits and its wall time.
 
 CPU runs of one config are deterministic on one machine, but the CPU kernels PyTorch picks
 (AVX2, AVX-512, ...) round differently, so the same run on another machine differs in the
@@ -9,6 +9,7 @@ each host it ran on (a resumed run may span several) in its summary.
 from __future__ import annotations
 
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def host_fingerprint() -> dict[str, Any]:
-    """CPU model and the kernel ISA torch uses, thread count, torch version and any GPU."""
+    """CPU model and the kernel ISA torch uses, thread count, any GPU, and the versions of
+    the libraries that compute the numbers."""
     return {
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        **{p: _version(p) for p in ("transformers", "peft", "flwr")},
     }
 
 
