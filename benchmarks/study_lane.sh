@@ -6,24 +6,38 @@
 # runs first unless finished); finished runs are reused, interrupted ones resumed. After a
 # piece, the MC accuracy of its finished runs' adapters (FedIT's too) at $MC items a task
 # (default 300; MC=0 skips it), so no adapter has to outlive this checkout to be scored.
-# Env: MODEL (default smollm2-135m-instruct), OUT (default results/equal-cost), MC.
-# Logs: runs/logs/eq-NAME-sSEED-METHODS.log; progress: runs/lanes/NAME.progress.
-# Before a session ends: benchmarks/study_keep.py stages cut runs' checkpoints for a commit.
+# When the lane ends, finished or cut by a signal (timeout's TERM), it runs
+# benchmarks/study_keep.py, which stages cut runs' checkpoints and unscored adapters for the
+# next commit (one lane at a time: flock); `git commit` is still yours.
+# Env: MODEL (default smollm2-135m-instruct), OUT (default results/equal-cost), MC,
+#      PY (default .venv/bin/python), RUNS (logs folder, default runs).
+# Logs: $RUNS/logs/eq-NAME-sSEED-METHODS.log; progress: $RUNS/lanes/NAME.progress.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 name=$1; shift
 model=${MODEL:-smollm2-135m-instruct}; out=${OUT:-results/equal-cost}; mc=${MC:-300}
-mkdir -p runs/logs runs/lanes
+py=${PY:-.venv/bin/python}; runs=${RUNS:-runs}
+progress="$runs/lanes/$name.progress"
+mkdir -p "$runs/logs" "$runs/lanes"
+note() { echo "$(date -u +%FT%TZ) $*" >> "$progress"; }
+keep() {
+  flock "$runs/lanes/keep.lock" "$py" benchmarks/study_keep.py --out "$out" \
+    >> "$runs/logs/keep-$name.log" 2>&1
+  note "keep rc=$?"
+}
+on_signal() { trap - TERM INT; wait; note "cut by a signal"; keep; exit 143; }
+trap on_signal TERM INT
 for piece in "$@"; do
-  seed=${piece%%:*}; methods=${piece#*:}; log="runs/logs/eq-$name-s$seed-${methods//,/_}"
-  echo "$(date -u +%FT%TZ) start $piece" >> "runs/lanes/$name.progress"
-  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/equal_cost.py --models "$model" --out "$out" \
+  seed=${piece%%:*}; methods=${piece#*:}; log="$runs/logs/eq-$name-s$seed-${methods//,/_}"
+  note "start $piece"
+  OMP_NUM_THREADS=1 "$py" benchmarks/equal_cost.py --models "$model" --out "$out" \
     --seeds "$seed" --methods "$methods" > "$log.log" 2>&1
-  echo "$(date -u +%FT%TZ) end $piece rc=$?" >> "runs/lanes/$name.progress"
+  note "end $piece rc=$?"
   if [ "$mc" != 0 ]; then
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/equal_cost.py --models "$model" \
+    OMP_NUM_THREADS=1 "$py" benchmarks/equal_cost.py --models "$model" \
       --out "$out" --seeds "$seed" --methods "$methods" --report-only --mc-limit "$mc" \
       --mc-methods "fedit,$methods" > "$log.mc.log" 2>&1
-    echo "$(date -u +%FT%TZ) mc $piece rc=$?" >> "runs/lanes/$name.progress"
+    note "mc $piece rc=$?"
   fi
 done
+keep
