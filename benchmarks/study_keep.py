@@ -85,7 +85,9 @@ def _git(root: Path, *args: str) -> None:
 def stage(plan: Plan, root: Path) -> None:
     """Apply a plan to the git index of the repository at root (drops first, then adds)."""
     if plan.drop:
-        _git(root, "rm", "-r", "-q", "--cached", "--ignore-unmatch", "--",
+        # -f: the index may hold an earlier keep's copy that differs from both the file
+        # and HEAD (the run went on); --cached leaves the working files alone.
+        _git(root, "rm", "-r", "-q", "--cached", "-f", "--ignore-unmatch", "--",
              *map(str, plan.drop))
     if plan.add:
         _git(root, "add", "--", *map(str, plan.add))

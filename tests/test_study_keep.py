@@ -88,6 +88,21 @@ def test_a_later_keep_replaces_the_old_round_and_drops_what_is_done(study):
     assert "progfed/mc_eval.json" in tracked
 
 
+def test_a_second_keep_before_any_commit_restages_a_run_that_went_on(study):
+    """Two keeps in one session (two lanes ending): the index holds the first keep's
+    checkpoint, and the files changed since; the second keep must still replace it."""
+    repo, seed = study
+    main(["--out", str(repo / "results" / "equal-cost")])
+    _checkpoint(seed / "devft", 6)
+    _write(seed / "devft" / "metrics.jsonl", "{}\n{}\n")
+    main(["--out", str(repo / "results" / "equal-cost")])
+    tracked = _tracked(repo, seed)
+    assert "devft/checkpoints/round-00006/state.json" in tracked
+    assert not any("round-00003" in f for f in tracked)
+    staged = _git(repo, "show", f":{(seed / 'devft' / 'metrics.jsonl').relative_to(repo)}")
+    assert staged == "{}\n{}\n"
+
+
 def test_dry_run_stages_nothing_and_a_finished_run_drops_its_checkpoint(study):
     repo, seed = study
     main(["--out", str(repo / "results" / "equal-cost"), "--dry-run"])
