@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from devft.errors import ConfigError
 from devft.evaluation.adapters import SAFE_WEIGHTS
 from devft.federation.checkpoint import CHECKPOINTS
 
+ATTEMPTS, RETRY_PAUSE_S = 5, 2.0
 RECORDS = ("metrics.jsonl", "summary.json", "config.json", "mc_eval.json", "loss.png")
 
 
@@ -109,15 +111,18 @@ def main(argv: list[str] | None = None) -> list[Plan]:
         raise ConfigError("--out", args.out, "a folder inside a git checkout")
     root, plans = Path(top.stdout.strip()), []
     for run in run_dirs(out):
-        for attempt in range(3):  # a live run may replace its checkpoint meanwhile
+        # A live run may replace its checkpoint meanwhile, and another git process (a
+        # second lane's keep) may hold the index lock: plan again after a pause.
+        for attempt in range(ATTEMPTS):
             plan = plan_run(run)
             try:
                 if not args.dry_run:
                     stage(plan, root)
                 break
             except subprocess.CalledProcessError:
-                if attempt == 2:
+                if attempt == ATTEMPTS - 1:
                     raise
+                time.sleep(RETRY_PAUSE_S)
         plans.append(plan)
         for note in plan.notes:
             print(note)

@@ -103,6 +103,21 @@ def test_a_second_keep_before_any_commit_restages_a_run_that_went_on(study):
     assert staged == "{}\n{}\n"
 
 
+def test_keep_waits_out_another_git_process_holding_the_index(study, monkeypatch):
+    """Two lanes ending together: one keep holds .git/index.lock while the other stages."""
+    import threading
+
+    import study_keep
+
+    repo, seed = study
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")
+    threading.Timer(0.6, lock.unlink).start()
+    monkeypatch.setattr(study_keep, "RETRY_PAUSE_S", 0.3)
+    main(["--out", str(repo / "results" / "equal-cost")])
+    assert "devft/checkpoints/round-00003/state.json" in _tracked(repo, seed)
+
+
 def test_dry_run_stages_nothing_and_a_finished_run_drops_its_checkpoint(study):
     repo, seed = study
     main(["--out", str(repo / "results" / "equal-cost"), "--dry-run"])
