@@ -11,7 +11,8 @@ steps of batch 4 each, and a constant learning rate (AdamW at train.lr, fresh ea
 no schedule). Writes OUT/equal_cost.json (per seed: cost to 50/90/100 % of FedIT's
 improvement as ratios to FedIT's, per-stage breakdown, the early-stage comparison against
 `devft-notransfer`; per model: mean and spread over seeds) and three plots of held-out loss
-against cumulative client FLOPs, bytes (up + down) and wall time (OUT/equal_cost_<axis>.png).
+against cumulative client FLOPs, bytes (up + down) and wall time (OUT/equal_cost_<axis>.png),
+and one panel per model and seed against FLOPs as a ratio to FedIT's (equal_cost_by_seed.png).
 
     python benchmarks/equal_cost.py --models smollm2-135m-instruct --seeds 0 \\
         --methods devft,progfed --out runs/bench/equal-cost          # one piece of the study
@@ -26,19 +27,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from common import int_list, run_script  # noqa: E402
-from equal_cost_ledger import LEDGER, load_ledger, with_ledger  # noqa: E402
-from equal_cost_report import (  # noqa: E402
-    AXES,
+import numpy as np
+from common import int_list, run_script
+from equal_cost_ledger import LEDGER, load_ledger, with_ledger
+from equal_cost_plot import Curves, plot, plot_by_seed
+from equal_cost_report import (
     Records,
     cost_ratios,
     early_stages,
-    loss,
     markdown,
     partial_summary,
     reads_early_stages,
@@ -47,13 +43,13 @@ from equal_cost_report import (  # noqa: E402
     target_losses,
 )
 
-from devft.cli import setup_logging  # noqa: E402
-from devft.comparison import run_or_reuse, saved_run  # noqa: E402
-from devft.config import RunConfig, load_config  # noqa: E402
-from devft.errors import ConfigError  # noqa: E402
-from devft.evaluation.adapters import SAFE_WEIGHTS  # noqa: E402
-from devft.methods import METHODS  # noqa: E402
-from devft.reporting.recorder import read_metrics  # noqa: E402
+from devft.cli import setup_logging
+from devft.comparison import run_or_reuse, saved_run
+from devft.config import RunConfig, load_config
+from devft.errors import ConfigError
+from devft.evaluation.adapters import SAFE_WEIGHTS
+from devft.methods import METHODS
+from devft.reporting.recorder import read_metrics
 
 STAGED = ("devft", "progfed", "layerdrop", "devft-boundary", "devft-adaptive",
           "devft-calibrated", "offsite", "devft+offsite", "devft-notransfer")
@@ -72,9 +68,6 @@ SMOKE = ["federation.num_clients=4", "train.local_steps=2", "train.batch_size=2"
 """--smoke: a tiny budget for a test on a tiny model (replaces STUDY)."""
 FLOPS_FACTOR = 1.5
 log = logging.getLogger("equal_cost")
-AXIS_LABELS = {"flops": ("cumulative client FLOPs", 1.0),
-               "bytes": ("cumulative MB (up + down)", 1e-6),
-               "time": ("wall time (s, excl. evaluation)", 1.0)}
 
 
 def method_list(text: str) -> list[str]:
@@ -171,57 +164,6 @@ def mc_for(run_dir: Path, cfg: RunConfig, methods: list[str], limit: int,
     return out
 
 
-Curves = dict[str, dict[str, list[tuple[Records, bool]]]]
-"""Per model and method, each seed's round records and whether that run is finished."""
-
-
-def plot(curves: Curves, targets: dict[str, Any], out: Path) -> list[Path]:
-    """Per x axis one PNG, one column per model: thin lines per seed, a bold line for the mean
-    over the finished seeds (on the mean x, up to the shortest one's run; over the running
-    ones if none is finished), FedIT's targets dashed; the lower row zooms in on the race
-    to the 100 % target."""
-    paths = []
-    for axis, key in AXES.items():
-        label, scale = AXIS_LABELS[axis]
-        fig, axes = plt.subplots(2, len(curves), figsize=(7 * len(curves), 8), squeeze=False)
-        for col, (model, methods) in enumerate(curves.items()):
-            for row in (0, 1):
-                ax = axes[row][col]
-                for i, (method, seeds) in enumerate([(m, r) for m, r in methods.items() if r]):
-                    color = f"C{i}"
-                    for r, _ in seeds:
-                        ax.plot([x[key] * scale for x in r], [loss(x) for x in r],
-                                color=color, lw=0.6, alpha=0.35)
-                    done = [r for r, finished in seeds if finished]
-                    mean_of = done or [r for r, _ in seeds]
-                    n = min(len(r) for r in mean_of)
-                    xs = np.mean([[r[j][key] for j in range(n)] for r in mean_of], axis=0) * scale
-                    ys = np.mean([[loss(r[j]) for j in range(n)] for r in mean_of], axis=0)
-                    count = f"{len(seeds)} seed" + ("s" if len(seeds) > 1 else "")
-                    running = len(seeds) - len(done)
-                    count += f", {running} running" if running else ""
-                    ax.plot(xs, ys, color=color, lw=1.6, label=f"{method} ({count})")
-                goal = targets.get(model, {}).get("100%")
-                if row == 1 and goal is not None:
-                    ax.set_ylim(goal - 0.15, goal + 0.6)
-                low, high = ax.get_ylim()
-                for name, value in targets.get(model, {}).items():
-                    if low <= value <= high:
-                        ax.axhline(value, ls="--", lw=0.7, color="grey")
-                        ax.annotate(name, (1.0, value), xycoords=("axes fraction", "data"),
-                                    fontsize=7, ha="right", va="bottom", color="grey")
-                ax.set(xlabel=label, ylabel="held-out loss (full model)",
-                       title=model if row == 0 else f"{model}: near the 100 % target")
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"equal_cost_{axis}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
@@ -270,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             finished = [m for m, e in entry["methods"].items()
                         if e["stop"]["reason"] != "unfinished"] if entry else []
             for m, records in runs.items():
-                curves[name][m].append((records, m in finished))
+                curves[name][m].append((seed, records, m in finished))
             entry = with_ledger(entry, held.get(seed))
             if entry is None:
                 continue
@@ -293,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not results["models"]:
         raise ConfigError("--out", str(out), "a directory holding the study's runs "
                           "(--report-only found no FedIT rounds for these models and seeds)")
-    results["plots"] = [str(p) for p in plot(curves, targets, out)]
+    by_seed = plot_by_seed(curves, out)
+    results["plots"] = [str(p) for p in [*plot(curves, targets, out), by_seed] if p]
     (out / "equal_cost.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "equal_cost.md").write_text(markdown(results))
     _print(results)

@@ -128,7 +128,7 @@ def test_smoke_study_runs_end_to_end_and_reuses_its_runs(tiny_model_dir, tiny_da
     assert "CPU kernels: " in (tmp_path / "equal_cost.md").read_text()
     summary = model["summary"]["devft"]
     assert summary["seeds"] == 2 and summary["final_eval_loss"]["std"] is not None
-    for axis in ("flops", "bytes", "time"):
+    for axis in ("flops", "bytes", "time", "by_seed"):
         assert (tmp_path / f"equal_cost_{axis}.png").stat().st_size > 0
     assert json.loads((tmp_path / "equal_cost.json").read_text())["methods"][0] == "fedit"
     stamp = (tmp_path / Path(tiny_model_dir).name / "seed-0" / "devft" / "summary.json"
