@@ -9,7 +9,10 @@ finished run's adapter is gone before its MC accuracy is scored. Per run under -
 - a finished run: its checkpoints leave the index; its adapter weights are kept while it has
   no mc_eval.json and leave the index once it has one.
 
-    python benchmarks/study_keep.py [--out results/equal-cost] [--dry-run]
+With --only, just the named runs (paths under --out, e.g. `m/seed-2/devft`): a lane keeps
+its own runs, never another lane's live one, whose checkpoint a later commit would sweep in.
+
+    python benchmarks/study_keep.py [--out results/equal-cost] [--only RUN ...] [--dry-run]
     git commit -m "Equal-cost study: ..."
 """
 
@@ -100,6 +103,8 @@ def stage(plan: Plan, root: Path) -> None:
 def main(argv: list[str] | None = None) -> list[Plan]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/equal-cost", help="the study's output folder")
+    ap.add_argument("--only", nargs="+", metavar="RUN",
+                    help="keep just these runs (paths under --out); default every run")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, stage nothing")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -110,7 +115,11 @@ def main(argv: list[str] | None = None) -> list[Plan]:
     if top.returncode != 0:
         raise ConfigError("--out", args.out, "a folder inside a git checkout")
     root, plans = Path(top.stdout.strip()), []
-    for run in run_dirs(out):
+    runs = run_dirs(out)
+    if args.only is not None:
+        wanted = {(out / r).resolve() for r in args.only}
+        runs = [r for r in runs if r in wanted]
+    for run in runs:
         # A live run may replace its checkpoint meanwhile, and another git process (a
         # second lane's keep) may hold the index lock: plan again after a pause.
         for attempt in range(ATTEMPTS):

@@ -7,8 +7,9 @@
 # piece, the MC accuracy of its finished runs' adapters (FedIT's too) at $MC items a task
 # (default 300; MC=0 skips it), so no adapter has to outlive this checkout to be scored.
 # When the lane ends, finished or cut by a signal (timeout's TERM), it runs
-# benchmarks/study_keep.py, which stages cut runs' checkpoints and unscored adapters for the
-# next commit (one lane at a time: flock); `git commit` is still yours.
+# benchmarks/study_keep.py, which stages its own runs' (the pieces' and their seeds' FedIT)
+# cut checkpoints and unscored adapters for the next commit (one lane at a time: flock;
+# never another lane's live run); `git commit` is still yours.
 # Env: MODEL (default smollm2-135m-instruct), OUT (default results/equal-cost), MC,
 #      PY (default .venv/bin/python), RUNS (logs folder, default runs).
 # Logs: $RUNS/logs/eq-NAME-sSEED-METHODS.log; progress: $RUNS/lanes/NAME.progress.
@@ -20,8 +21,13 @@ py=${PY:-.venv/bin/python}; runs=${RUNS:-runs}
 progress="$runs/lanes/$name.progress"
 mkdir -p "$runs/logs" "$runs/lanes"
 note() { echo "$(date -u +%FT%TZ) $*" >> "$progress"; }
+own=()
+for piece in "$@"; do
+  IFS=, read -ra methods <<< "fedit,${piece#*:}"
+  for m in "${methods[@]}"; do own+=("$model/seed-${piece%%:*}/$m"); done
+done
 keep() {
-  flock "$runs/lanes/keep.lock" "$py" benchmarks/study_keep.py --out "$out" \
+  flock "$runs/lanes/keep.lock" "$py" benchmarks/study_keep.py --out "$out" --only "${own[@]}" \
     >> "$runs/logs/keep-$name.log" 2>&1
   note "keep rc=$?"
 }

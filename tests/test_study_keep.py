@@ -133,3 +133,15 @@ def test_out_must_be_a_folder_in_a_checkout(tmp_path):
         main(["--out", str(tmp_path / "missing")])
     with pytest.raises(ConfigError, match="git checkout"):
         main(["--out", str(tmp_path)])
+
+
+def test_only_keeps_the_named_runs_and_leaves_another_lanes_live_run_alone(study):
+    """A lane keeps its own runs; the cut `devft` stands for another lane's live run, whose
+    checkpoint a later commit of this lane's work must not sweep in."""
+    repo, seed = study
+    main(["--out", str(repo / "results" / "equal-cost"), "--only", "m/seed-0/progfed",
+          "m/seed-0/fedit", "m/seed-0/never-started"])
+    tracked = _tracked(repo, seed)
+    assert not any(f.startswith("devft/") for f in tracked)
+    assert "progfed/adapter/adapter_model.safetensors" in tracked
+    assert "fedit/mc_eval.json" in tracked

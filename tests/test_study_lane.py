@@ -59,6 +59,11 @@ def test_pieces_run_in_order_then_the_lane_keeps_its_work(lane):
     assert "--seeds 2 --methods layerdrop,progfed" in calls[2]
     assert "--mc-methods fedit,layerdrop,progfed" in calls[3]
     assert calls[4].startswith("benchmarks/study_keep.py --out results/equal-cost")
+    # it keeps its own runs (each piece's and its seed's FedIT), never another lane's
+    m = "smollm2-135m-instruct"
+    assert calls[4].split("--only ")[1].split() == [
+        f"{m}/seed-1/fedit", f"{m}/seed-1/devft", f"{m}/seed-2/fedit",
+        f"{m}/seed-2/layerdrop", f"{m}/seed-2/progfed"]
     assert "keep rc=0" in _progress(lane)
 
 
