@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common import run_script
 
+from devft.comparison import REPLACED
 from devft.errors import ConfigError
 from devft.evaluation.adapters import SAFE_WEIGHTS
 from devft.federation.checkpoint import CHECKPOINTS
@@ -46,8 +47,10 @@ class Plan:
 
 
 def run_dirs(out: Path) -> list[Path]:
-    """Every run directory under out (one holding a config.json), sorted."""
-    return sorted(p.parent for p in out.rglob("config.json") if CHECKPOINTS not in p.parts)
+    """Every run directory under out (one holding a config.json), sorted; not the runs of
+    another config set aside in a run's replaced-* folder (devft.comparison)."""
+    return sorted(p.parent for p in out.rglob("config.json") if CHECKPOINTS not in p.parts
+                  and not any(part.startswith(REPLACED) for part in p.relative_to(out).parts))
 
 
 def latest_checkpoint(run: Path) -> list[Path]:

@@ -132,6 +132,24 @@ def test_compare_reuses_a_run_saved_before_a_key_was_added_at_its_default(capsys
         assert "reusing the finished run" not in capsys.readouterr().err
 
 
+def test_compare_sets_aside_a_finished_run_of_another_config(capsys, base_args, tmp_path):
+    assert main(["compare", "--methods", "fedit", *base_args]) == 0
+    run = tmp_path / "out" / "fedit"
+    old = {f: (run / f).read_text() for f in ("config.json", "metrics.jsonl", "summary.json")}
+    (run / "mc_eval.json").write_text("{}")  # a score of the old run's adapter
+    lr = json.loads(old["config.json"])["train"]["lr"] * 2
+    capsys.readouterr()
+    assert main(["compare", "--methods", "fedit", *base_args, "--set", f"train.lr={lr}"]) == 0
+    assert "held a run of another config" in capsys.readouterr().err
+    aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1  # the old run, whole: not read as the new one's, not lost
+    assert {f: (aside[0] / f).read_text() for f in old} == old
+    assert (aside[0] / "mc_eval.json").is_file() and not (run / "mc_eval.json").exists()
+    assert (aside[0] / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == lr
+    assert (run / "summary.json").read_text() != old["summary.json"]
+
+
 def test_beta_that_even_groups_would_clamp_is_refused(capsys, base_args):
     # 4 layers, stages 1,4: the first stage's one group of 4 allows beta <= 1/3
     line = _fails(capsys, ["run", *base_args, "--set", "devft.stages=1,4",

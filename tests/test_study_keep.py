@@ -145,3 +145,13 @@ def test_only_keeps_the_named_runs_and_leaves_another_lanes_live_run_alone(study
     assert not any(f.startswith("devft/") for f in tracked)
     assert "progfed/adapter/adapter_model.safetensors" in tracked
     assert "fedit/mc_eval.json" in tracked
+
+
+def test_a_run_set_aside_in_a_replaced_folder_is_not_a_run_of_the_study(tmp_path):
+    from study_keep import run_dirs
+
+    for run in ("a/fedit", "a/fedit/replaced-20261206T000000-1", "replaced-x/devft"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "config.json").write_text("{}")
+    assert run_dirs(tmp_path) == [tmp_path / "a/fedit"]
+    assert run_dirs(tmp_path / "replaced-x") == [tmp_path / "replaced-x/devft"]

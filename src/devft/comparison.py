@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from devft.errors import ConfigError, RunFileError
 from devft.federation.checkpoint import CHECKPOINTS
 from devft.federation.runner import run_method
 from devft.files import atomic_write_json, read_json_object
-from devft.lock import output_lock
+from devft.lock import LOCK_FILE, output_lock
 from devft.methods import METHOD_NAMES
 from devft.reporting.compare import against_baseline
 from devft.reporting.plots import plot_comparison
@@ -75,7 +77,28 @@ def run_or_reuse(run_cfg: RunConfig) -> dict[str, Any]:
     one; else the run, resumed from its last checkpoint when it was interrupted. Holds the
     run directory's lock, so a live run there is never read half-written."""
     with output_lock(run_cfg.output.dir, f"devft compare: {run_cfg.method}"):
-        return _finished(run_cfg) or run_method(_maybe_resume(run_cfg))
+        return _finished(run_cfg) or run_method(_maybe_resume(_set_aside_other(run_cfg)))
+
+
+REPLACED = "replaced-"
+"""Prefix of the subfolder a run of another config is moved into before a new run starts
+in its directory (its records, adapter and scores kept, out of the new run's way)."""
+
+
+def _set_aside_other(run_cfg: RunConfig) -> RunConfig:
+    """Move a run of another config out of run_cfg's directory, into DIR/replaced-<time>/,
+    so its summary, adapter and scores are neither read as the new run's nor lost."""
+    out = Path(run_cfg.output.dir)
+    if not (out / "config.json").is_file() or _same_config(run_cfg):
+        return run_cfg
+    aside = out / f"{REPLACED}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    aside.mkdir()
+    for entry in out.iterdir():
+        if entry != aside and entry.name != LOCK_FILE and not entry.name.startswith(REPLACED):
+            entry.rename(aside / entry.name)
+    log.warning("%s: %s held a run of another config; moved it to %s", run_cfg.method, out,
+                aside)
+    return run_cfg
 
 
 NEUTRAL_NEW_KEYS: tuple[str, ...] = ("calibrate.residual_exponents",)

@@ -28,7 +28,8 @@ class RunRecorder:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / METRICS_FILE
-        if fresh:
+        if fresh:  # an older run's summary here must not pass for this run's
+            (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
             atomic_write_text(self.path, "")
         self.method, self.total_rounds = method, total_rounds
         self.records: list[dict[str, Any]] = []
