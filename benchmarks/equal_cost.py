@@ -216,8 +216,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry = with_ledger(entry, held.get(seed))
             if entry is None:
                 continue
-            if args.mc_limit or args.report_only:
-                mc = [m for m in args.mc_methods.split(",") if m in finished]
+            if args.mc_limit or args.report_only:  # a ledger seed's scores: from reruns
+                done = [m for m, e in entry["methods"].items()
+                        if e["stop"]["reason"] != "unfinished"]
+                mc = [m for m in args.mc_methods.split(",") if m in done]
                 entry["mc"] = mc_for(run_dir, base, mc, args.mc_limit, args.mc_limit > 0)
             entry["seed"] = seed
             entry["methods"] = {m: e for m, e in entry["methods"].items()

@@ -194,11 +194,15 @@ def _a_ledger_stands_in_for_lost_runs(argv, tmp_path, tiny_model_dir, full):
     ledger.write_text(json.dumps(full))
     shutil.rmtree(tmp_path / name / "seed-1")
     shutil.rmtree(tmp_path / name / "seed-0" / "devft")
+    score = tmp_path / name / "seed-1" / "devft" / "mc_eval.json"  # a rerun's score of a
+    score.parent.mkdir(parents=True)  # ledger run, kept without the rerun's records
+    score.write_text((tmp_path / name / "seed-0" / "fedit" / "mc_eval.json").read_text())
     report = equal_cost.main([*argv, "--report-only", "--ledger", str(ledger)])
     seed0, seed1 = report["models"][name]["per_seed"]
     before0, before1 = full["models"][name]["per_seed"]
     assert seed1["ledger"]["whole_seed"] and seed1["methods"]["devft"]["source"] == "ledger"
     assert seed1["methods"]["devft"]["ratios"] == before1["methods"]["devft"]["ratios"]
+    assert seed1["mc"] == {"devft": json.loads(score.read_text())}
     # devft's folder is gone, the control's config too (the step before): both from the ledger
     assert seed0["ledger"]["methods"] == ["devft", "devft-notransfer"]
     assert seed0["ledger"]["fedit_check"]["same_target"]
