@@ -144,6 +144,12 @@ def run_seed(base: RunConfig, run_dir: Path, methods: list[str], max_rounds: int
     return entry, runs
 
 
+def finished_methods(entry: dict[str, Any] | None) -> list[str]:
+    """The methods of a seed's entry that reached their stop rule (not cut off)."""
+    return [m for m, e in entry["methods"].items()
+            if e["stop"]["reason"] != "unfinished"] if entry else []
+
+
 def mc_for(run_dir: Path, cfg: RunConfig, methods: list[str], limit: int,
            compute: bool = True) -> dict[str, Any]:
     """MC accuracy of the final adapters (benchmarks/convergence.py's harness), cached in
@@ -209,16 +215,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir = out / name / f"seed-{seed}"
             got = run_seed(base, run_dir, methods, args.max_rounds, args.report_only)
             entry, runs = got if got is not None else (None, {})
-            finished = [m for m, e in entry["methods"].items()
-                        if e["stop"]["reason"] != "unfinished"] if entry else []
+            finished = finished_methods(entry)
             for m, records in runs.items():
                 curves[name][m].append((seed, records, m in finished))
             entry = with_ledger(entry, held.get(seed))
             if entry is None:
                 continue
             if args.mc_limit or args.report_only:  # a ledger seed's scores: from reruns
-                done = [m for m, e in entry["methods"].items()
-                        if e["stop"]["reason"] != "unfinished"]
+                done = finished_methods(entry)
                 mc = [m for m in args.mc_methods.split(",") if m in done]
                 entry["mc"] = mc_for(run_dir, base, mc, args.mc_limit, args.mc_limit > 0)
             entry["seed"] = seed
