@@ -3,8 +3,9 @@
 `python client_memory_process.py SPEC.json`: one ClientApp call on the message and Context
 saved beside SPEC.json, printing the process's memory marks, the reply's metrics and the
 limit computed from tensors as one JSON line; `floor` / `floor-strict` instead print the
-VmHWM after the client's imports only. `breakdown` and `step_times` are the parent's
---breakdown and --step-times probes, which also run in a fresh process.
+VmHWM after the client's imports only (`floor-no-bnb`: as if bitsandbytes were not
+installed). `breakdown` and `step_times` are the parent's --breakdown and --step-times probes,
+which also run in a fresh process.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def child(spec_path: str) -> None:
 
         print(json.dumps({"floor": status()}))
         return
+    if spec_path == "floor-no-bnb":  # the floor had bitsandbytes not been installed (peft
+        sys.modules["bitsandbytes"] = None  # imports it whenever it is, quantizing or not)
+        spec_path = "floor"
     import devft.federation.client_app as client_app  # the imports every client does
 
     if spec_path == "floor":  # + peft and devft, + the data libraries a client imports
@@ -153,7 +157,8 @@ def _limit_from_tensors(client_app: Any, spec: dict) -> dict[str, int]:
             "batch_shape": list(batch["input_ids"].shape)}
 
 
-def breakdown(model: str, layers: int, batch: int, seq: int, data: Path) -> list[dict]:
+def breakdown(model: str, layers: int, batch: int, seq: int, data: Path,
+              quantization: str = "none") -> list[dict]:
     """Where a client's memory goes, step by step, in this (fresh) process: the calls
     `client_train` makes, one after another, with RSS (anonymous / file-backed) after each."""
     import datasets  # noqa: F401
@@ -171,7 +176,7 @@ def breakdown(model: str, layers: int, batch: int, seq: int, data: Path) -> list
     steps = [("floor (imports)", status())]
     cfg = load_config(None, [f"model.path={model}", "model.device=cpu", f"data.name={data}",
                              "federation.num_clients=1", f"train.batch_size={batch}",
-                             f"data.max_seq_len={seq}"])
+                             f"data.max_seq_len={seq}", f"model.quantization={quantization}"])
     if cfg.train.release_memory:  # as client_train does (set MALLOC_MMAP_THRESHOLD_ to compare)
         from devft.training.allocator import return_freed_memory
 

@@ -28,8 +28,9 @@ def loss(r: dict[str, Any]) -> float:
 
 def target_losses(fedit: Records) -> dict[str, float]:
     """{"50%": loss, ...}: FedIT's initial loss minus each fraction of its improvement."""
-    start, end = loss(fedit[0]), loss(fedit[-1])
-    return {f"{round(f * 100)}%": start - f * (start - end) for f in FRACTIONS}
+    start, end = loss(fedit[0]), loss(fedit[-1])  # 100 %: the end itself, not one ulp below
+    return {f"{round(f * 100)}%": end if f == 1.0 else start - f * (start - end)
+            for f in FRACTIONS}
 
 
 def first_reaching(records: Records, target: float) -> dict[str, Any] | None:

@@ -6,7 +6,8 @@ finished run's adapter is gone before its MC accuracy is scored. Per run under -
 - every run: its records (metrics.jsonl, summary.json, config.json, mc_eval.json, loss.png);
 - a cut run (no summary.json): its latest checkpoint (`checkpoints/latest.json` and the round
   directory it names; older rounds leave the index), so the next checkout resumes it;
-- a finished run: its checkpoints leave the index; its adapter weights are kept while it has
+- a finished run: its checkpoints leave the index (with --keep-checkpoints its latest
+  stays, so a larger budget extends it); its adapter weights are kept while it has
   no mc_eval.json and leave the index once it has one.
 
 With --only, just the named runs (paths under --out, e.g. `m/seed-2/devft`): a lane keeps
@@ -64,12 +65,15 @@ def latest_checkpoint(run: Path) -> list[Path]:
     return [root / "latest.json", *files] if files else []
 
 
-def plan_run(run: Path) -> Plan:
-    """The staging of one run directory (see the module docstring)."""
+def plan_run(run: Path, keep_checkpoints: bool = False) -> Plan:
+    """The staging of one run directory (see the module docstring); with keep_checkpoints a
+    finished run keeps its latest checkpoint too, so it can be extended (equal_budget.py)."""
     plan = Plan(add=[run / f for f in RECORDS if (run / f).is_file()])
     weights = run / "adapter" / SAFE_WEIGHTS
     if (run / "summary.json").is_file():
         plan.drop.append(run / CHECKPOINTS)
+        if keep_checkpoints:
+            plan.force.extend(latest_checkpoint(run))
         if (run / "mc_eval.json").is_file():
             plan.drop.append(weights)
         elif weights.is_file():
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> list[Plan]:
     ap.add_argument("--only", nargs="+", metavar="RUN",
                     help="keep just these runs (paths under --out); default every run")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, stage nothing")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="finished runs keep their latest checkpoint (to be extended later)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if not out.is_dir():
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[Plan]:
         # A live run may replace its checkpoint meanwhile, and another git process (a
         # second lane's keep) may hold the index lock: plan again after a pause.
         for attempt in range(ATTEMPTS):
-            plan = plan_run(run)
+            plan = plan_run(run, args.keep_checkpoints)
             try:
                 if not args.dry_run:
                     stage(plan, root)

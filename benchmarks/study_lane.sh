@@ -11,13 +11,16 @@
 # cut checkpoints and unscored adapters for the next commit (one lane at a time: flock;
 # never another lane's live run); `git commit` is still yours.
 # Env: MODEL (default smollm2-135m-instruct), OUT (default results/equal-cost), MC,
-#      PY (default .venv/bin/python), RUNS (logs folder, default runs).
+#      PY (default .venv/bin/python), RUNS (logs folder, default runs),
+#      STUDY (default benchmarks/equal_cost.py; benchmarks/equal_budget.py for issue 31's
+#      study, with MC=0 and KEEP_ARGS=--keep-checkpoints), NICE (default 0).
 # Logs: $RUNS/logs/eq-NAME-sSEED-METHODS.log; progress: $RUNS/lanes/NAME.progress.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 name=$1; shift
 model=${MODEL:-smollm2-135m-instruct}; out=${OUT:-results/equal-cost}; mc=${MC:-300}
 py=${PY:-.venv/bin/python}; runs=${RUNS:-runs}
+study=${STUDY:-benchmarks/equal_cost.py}; keep_args=${KEEP_ARGS:-}; nice=${NICE:-0}
 progress="$runs/lanes/$name.progress"
 mkdir -p "$runs/logs" "$runs/lanes"
 note() { echo "$(date -u +%FT%TZ) $*" >> "$progress"; }
@@ -27,7 +30,9 @@ for piece in "$@"; do
   for m in "${methods[@]}"; do own+=("$model/seed-${piece%%:*}/$m"); done
 done
 keep() {
-  flock "$runs/lanes/keep.lock" "$py" benchmarks/study_keep.py --out "$out" --only "${own[@]}" \
+  # shellcheck disable=SC2086
+  flock "$runs/lanes/keep.lock" "$py" benchmarks/study_keep.py --out "$out" $keep_args \
+    --only "${own[@]}" \
     >> "$runs/logs/keep-$name.log" 2>&1
   note "keep rc=$?"
 }
@@ -36,7 +41,7 @@ trap on_signal TERM INT
 for piece in "$@"; do
   seed=${piece%%:*}; methods=${piece#*:}; log="$runs/logs/eq-$name-s$seed-${methods//,/_}"
   note "start $piece"
-  OMP_NUM_THREADS=1 "$py" benchmarks/equal_cost.py --models "$model" --out "$out" \
+  OMP_NUM_THREADS=1 nice -n "$nice" "$py" "$study" --models "$model" --out "$out" \
     --seeds "$seed" --methods "$methods" > "$log.log" 2>&1
   note "end $piece rc=$?"
   if [ "$mc" != 0 ]; then

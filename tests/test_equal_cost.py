@@ -245,3 +245,13 @@ def test_host_lines_group_runs_by_their_cpu_kernels():
     assert _host_lines([seed]) == ["- seed 1, CPU kernels: not recorded (fedit); AVX2 (devft, "
                                    "layerdrop); AVX512+AVX2 (progfed)", ""]
     assert _host_lines([{"seed": 0, "methods": {"fedit": {}}}]) == []
+
+
+def test_the_100_percent_target_is_fedits_final_loss_not_one_ulp_below():
+    from equal_cost_report import target_losses
+
+    start, end = 4.688843703050097, 1.7579544029403025  # start - (start - end) < end
+    assert start - 1.0 * (start - end) < end
+    fedit = [_rec(0, 0, start, 10), _rec(1, 0, end, 10)]
+    assert target_losses(fedit)["100%"] == end
+    assert cost_ratios(fedit, fedit)["100%"]["flops_ratio"] == 1.0

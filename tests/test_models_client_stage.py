@@ -136,13 +136,13 @@ def test_full_model_client_of_fedit_is_the_full_stage(fresh_model_dir, tiny_data
     HOLDER.release()
 
 
-def test_readme_method_table_lists_every_method_and_what_its_client_holds():
+def test_method_table_lists_every_method_and_what_its_client_holds():
     from pathlib import Path
 
     from devft.methods import METHOD_NAMES, get_method
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Methods and what a client holds", 1)[1].split("\n### ", 1)[0]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "how-it-works.md").read_text()
+    section = doc.split("## Methods and what a client holds", 1)[1].split("\n## ", 1)[0]
     rows = {line.split("|")[1].strip().strip("`"): line for line in section.splitlines()
             if line.startswith("| `")}
     assert set(rows) == set(METHOD_NAMES)

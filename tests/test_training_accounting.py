@@ -9,6 +9,7 @@ from torch import nn
 from devft.training.accounting import (
     PeakMemory,
     attention_flops,
+    attention_width,
     estimate_train_flops,
     lora_params,
     matmul_params,
@@ -36,6 +37,27 @@ def test_matmul_and_lora_params_count_2d_weights():
 
     assert matmul_params(module) == 3 * 4  # biases, norms and LoRA excluded
     assert lora_params(module) == 3 * 2 + 2 * 4
+
+
+def test_a_frozen_layers_lora_is_counted_apart_from_the_trained_ones():
+    module = nn.ModuleDict({"a": nn.Linear(3, 4), "b": nn.Linear(3, 4)})
+    for name in ("a", "b"):
+        module[name].lora_A = nn.Linear(3, 2, bias=False)
+        module[name].lora_B = nn.Linear(2, 4, bias=False)
+    module["b"].lora_A.weight.requires_grad_(False)  # an emulator's frozen layer
+    module["b"].lora_B.weight.requires_grad_(False)
+    assert lora_params(module, trainable=True) == lora_params(module, trainable=False) == 14
+    assert lora_params(module) == 28
+
+
+def test_attention_width_is_heads_times_head_dim_not_hidden_size():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    gemma = Gemma3TextConfig(hidden_size=640, num_attention_heads=4, head_dim=256)
+    assert attention_width(gemma) == 1024
+    llama = LlamaConfig(hidden_size=576, num_attention_heads=9)
+    assert attention_width(llama) == 576
+    assert attention_width(None) == 0
 
 
 def test_peak_memory_on_cpu_sees_an_allocation_inside_the_block():

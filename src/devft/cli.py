@@ -1,7 +1,8 @@
-"""Command line: `devft run`, `devft compare`, `devft eval`, `devft generate`, `devft
-shard`. Owns all
-printing; user mistakes exit 2 with one clear message and no stack trace, and a run that
-stops because its clients keep failing exits 3 (`RunStalledError`)."""
+"""Command line: `devft run`, `compare`, `eval`, `generate`, `shard` and `methods`.
+
+Owns all printing; user mistakes exit 2 with one clear message and no stack trace, and a run
+that stops because its clients keep failing exits 3 (`RunStalledError`). The text users see
+is `USAGE`, `EXAMPLES` and the parsers' help, not this docstring."""
 
 from __future__ import annotations
 
@@ -46,12 +47,45 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+USAGE = """\
+Fine-tune a language model with LoRA on data spread over many clients, with DevFT
+(developmental stages of growing submodels) or a federated LoRA baseline, on Flower."""
+
+EXAMPLES = """\
+examples:
+  devft run --method devft --out runs/first
+  devft compare --config configs/default.yaml --methods devft,fedit --out runs/demo
+  devft run --resume runs/first                 # continue a killed run
+  devft eval --adapter runs/first/adapter --tasks arc_easy,piqa
+  devft generate --adapter runs/first --prompt "Name three primary colors."
+
+Config: YAML (--config) plus --set key=value overrides; every key, its default and its
+allowed values are in docs/configuration.md. Exit codes: 0 done, 2 a mistake in the input
+(one line says which), 3 a run stopped because its clients kept failing (resume it)."""
+
+_CONFIG_HELP = ("Methods: `devft methods` lists them. Config keys, defaults and allowed "
+                "values:\ndocs/configuration.md. ")
+_EPILOGS = {
+    "run": _CONFIG_HELP + "Outputs in --out: metrics.jsonl (one line per round),\n"
+    "summary.json, adapter/ (PEFT format), loss.png, config.json, checkpoints/ (docs/cli.md).",
+    "compare": _CONFIG_HELP + "Outputs: --out/<method>/ as `devft run` writes it, and\n"
+    "--out/comparison.json and comparison.png (docs/cli.md).",
+    "shard": "Writes --out/client-<k>.json for each of federation.num_clients clients and "
+    "prints\nthe --node-config of each SuperNode (docs/deployment.md).",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="devft", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("run", "run one method"), ("compare", "run methods side by side"),
+    parser = argparse.ArgumentParser(
+        prog="devft", description=USAGE, epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_ in (("run", "train one method (metrics.jsonl, summary.json, adapter/)"),
+                        ("compare", "train methods with the same seed, data and budget; compare "
+                         "them with FedIT (comparison.json, comparison.png)"),
                         ("shard", "write each client's own data for its SuperNode")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_, epilog=_EPILOGS[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML config (default: built-in defaults)")
         p.add_argument(
             "--set",
@@ -62,24 +96,69 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--out", help="output directory (required unless --resume)"
                        if name != "shard" else "directory for client-<k>.json")
-        p.add_argument("-v", "--verbose", action="store_true")
-    sub.choices["run"].add_argument("--method", help="shortcut for --set method=NAME")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub.choices["run"].add_argument("--method", help="shortcut for --set method=NAME "
+                                    "(`devft methods` lists them)")
     sub.choices["run"].add_argument("--resume", metavar="DIR",
                                     help="continue a killed run from DIR's last checkpoint")
     sub.choices["compare"].add_argument(
-        "--methods", default="devft,fedit", help="comma-separated methods (fedit is always added)"
-    )
+        "--methods", default="devft,fedit",
+        help="comma-separated methods (fedit is always added; `devft methods` lists them)")
     from devft.evaluation.cli import add_eval_parser
 
     add_eval_parser(sub)
     from devft.generation import add_generate_parser
 
     add_generate_parser(sub)
+    methods = sub.add_parser("methods", help="list the methods, one line each",
+                             description="List the federated methods `--method` accepts.")
+    methods.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+METHOD_GROUPS: tuple[tuple[str, str], ...] = (
+    ("baselines", "Federated LoRA baselines (the full model every round)"),
+    ("growth", "Progressive and offsite baselines (a part of the model per stage)"),
+    ("devft", "DevFT and its variants"),
+    ("ablations", "Ablations of DevFT's parts"),
+)
+
+
+def method_group(name: str) -> str:
+    """Which of METHOD_GROUPS a registered method belongs to."""
+    from devft.methods import get_method
+
+    spec = get_method(name)
+    if not spec.staged:
+        return "baselines"
+    if spec.description.startswith("ablation"):
+        return "ablations"
+    if not name.startswith("devft"):  # staged, but not DevFT's: ProgFed, LayerDrop, Offsite
+        return "growth"
+    return "devft"
+
+
+def methods_text() -> str:
+    """`devft methods`: every registered method, one line each, grouped."""
+    from devft.methods import METHODS
+
+    width = max(map(len, METHODS)) + 2
+    lines: list[str] = []
+    for key, title in METHOD_GROUPS:
+        lines += [f"{title}:"]
+        lines += [f"  {name:<{width}}{spec.description}" for name, spec in METHODS.items()
+                  if method_group(name) == key]
+        lines.append("")
+    lines.append("Use one with `devft run --method NAME` or `--set method=NAME`; its settings "
+                 "are in docs/configuration.md.")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "methods":
+        print(methods_text())
+        return 0
     setup_logging(args.verbose)
     try:
         if args.command == "eval":

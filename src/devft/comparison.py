@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,29 @@ def run_or_reuse(run_cfg: RunConfig) -> dict[str, Any]:
         return _finished(run_cfg) or run_method(_maybe_resume(_set_aside_other(run_cfg)))
 
 
+EXTENDED = "extended-"
+"""Prefix of the subfolder that keeps a finished run's summary and scores when the run is
+extended under another stop rule (its rounds stay; they are the extended run's first)."""
+
+
+def _extend_finished(run_cfg: RunConfig) -> None:
+    """A finished run here that differs from run_cfg only in its stop rule, and kept its last
+    checkpoint, is extended (resumed under the new rule) instead of run again: its summary
+    and MC scores, which no longer describe the run, move to DIR/extended-<time>/."""
+    out = Path(run_cfg.output.dir)
+    if not (out / SUMMARY_FILE).is_file() or _same_config(run_cfg) or not _same_config(
+            run_cfg, ignore=("output", "stop")) or not _has_checkpoint(out):
+        return
+    aside = out / f"{EXTENDED}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    aside.mkdir()
+    shutil.copy2(out / "config.json", aside / "config.json")  # the new run rewrites it
+    for name in (SUMMARY_FILE, "mc_eval.json"):
+        if (out / name).is_file():
+            (out / name).rename(aside / name)
+    log.warning("%s: extending the finished run in %s under stop=%s (its summary moved to "
+                "%s)", run_cfg.method, out, run_cfg.stop, aside)
+
+
 REPLACED = "replaced-"
 """Prefix of the subfolder a run of another config is moved into before a new run starts
 in its directory (its records, adapter and scores kept, out of the new run's way)."""
@@ -89,8 +113,11 @@ def _set_aside_other(run_cfg: RunConfig) -> RunConfig:
     """Move a run of another config out of run_cfg's directory, into DIR/replaced-<time>/,
     so its summary, adapter and scores are neither read as the new run's nor lost."""
     out = Path(run_cfg.output.dir)
+    _extend_finished(run_cfg)
     if not (out / "config.json").is_file() or _same_config(run_cfg):
         return run_cfg
+    if _has_checkpoint(out) and _same_config(run_cfg, ignore=("output", "stop")):
+        return run_cfg  # an interrupted run under another stop rule: resumed, extended
     aside = out / f"{REPLACED}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     aside.mkdir()
     for entry in out.iterdir():
@@ -101,15 +128,20 @@ def _set_aside_other(run_cfg: RunConfig) -> RunConfig:
     return run_cfg
 
 
-NEUTRAL_NEW_KEYS: tuple[str, ...] = ("calibrate.residual_exponents",)
+NEUTRAL_NEW_KEYS: tuple[str, ...] = ("calibrate.residual_exponents", "train.batch_seed")
 """Config keys added after runs were saved whose default changes nothing those runs did: a
 saved config without one still matches (at its default). A key added with a change of
 behaviour must not be listed, so runs of the older code are run again, not reused."""
 
 
-def _same_config(run_cfg: RunConfig) -> bool:
-    """Whether the dir's config.json is this config, output section and missing neutral new
-    keys (NEUTRAL_NEW_KEYS, taken at this config's value when it is the default) aside."""
+def _has_checkpoint(out: Path) -> bool:
+    return (out / CHECKPOINTS / "latest.json").is_file()
+
+
+def _same_config(run_cfg: RunConfig, ignore: tuple[str, ...] = ("output",)) -> bool:
+    """Whether the dir's config.json is this config, the `ignore` sections and missing
+    neutral new keys (NEUTRAL_NEW_KEYS, taken at this config's value when it is the
+    default) aside."""
     path = Path(run_cfg.output.dir) / "config.json"
     if not path.is_file():
         return False
@@ -122,8 +154,8 @@ def _same_config(run_cfg: RunConfig) -> bool:
         at_default = mine[section][key] == defaults[section][key]
         if isinstance(held, dict) and key not in held and at_default:
             held[key] = mine[section][key]
-    return {k: v for k, v in saved.items() if k != "output"} == {
-        k: v for k, v in mine.items() if k != "output"}
+    return {k: v for k, v in saved.items() if k not in ignore} == {
+        k: v for k, v in mine.items() if k not in ignore}
 
 
 def _finished(run_cfg: RunConfig) -> dict[str, Any] | None:
@@ -150,9 +182,9 @@ def saved_run(run_cfg: RunConfig) -> tuple[dict[str, Any] | None, list[dict[str,
 
 def _maybe_resume(run_cfg: RunConfig) -> RunConfig:
     """Resume an interrupted run of this config; otherwise start afresh."""
-    ckpt = Path(run_cfg.output.dir) / CHECKPOINTS / "latest.json"
-    if ckpt.is_file() and _same_config(run_cfg):
-        log.info("%s: resuming the interrupted run in %s", run_cfg.method, run_cfg.output.dir)
+    out = Path(run_cfg.output.dir)
+    if _has_checkpoint(out) and _same_config(run_cfg, ignore=("output", "stop")):
+        log.info("%s: resuming the run in %s", run_cfg.method, run_cfg.output.dir)
         return run_cfg.replace(**{"output.resume": True})
     return run_cfg
 

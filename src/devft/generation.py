@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from devft.config.sections import QUANTIZATIONS
 from devft.data.records import DEFAULT_CATEGORY, Record
 from devft.errors import ConfigError, DataError
 
@@ -36,6 +37,9 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                   help="store the base's decoder linear weights as nf4 or int8 (bitsandbytes), "
+                        "e.g. as the adapter was trained (default none)")
     p.add_argument("--out", help="also write prompts and answers to this JSONL file")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -133,7 +137,8 @@ def generate_main(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", args.device, "cpu or auto (no CUDA device is available)")
     try:
-        loaded = load_eval_model(_adapter_dir(args.adapter), args.model, args.device, "fp32")
+        loaded = load_eval_model(_adapter_dir(args.adapter), args.model, args.device, "fp32",
+                                 args.quantization)
     except ConfigError as err:
         if err.field != "model.path":
             raise

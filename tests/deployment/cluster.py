@@ -39,13 +39,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
+def flower_env(flwr_home: Path, bin_dir: Path = VENV_BIN) -> dict[str, str]:
     """Environment for a Flower process: this venv first on PATH (SuperLink/SuperNode
     spawn `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name), its own
     FLWR_HOME, no update check, no telemetry, no per-run `uv sync` of the app's deps."""
     env = dict(os.environ)
     env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         FLWR_HOME=str(flwr_home),
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_TELEMETRY_ENABLED="0",
@@ -66,6 +66,7 @@ class Service:
     args: list[str]
     home: Path
     log_path: Path
+    bin_dir: Path = VENV_BIN
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Service:
@@ -76,7 +77,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=flower_env(self.home),
+                env=flower_env(self.home, self.bin_dir),
                 cwd=self.home,
                 start_new_session=True,  # own process group: killpg reaches its children
             )
@@ -158,6 +159,7 @@ class Cluster:
     certs: ServerCerts
     port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
+    superlink: Service | None = None
 
     @property
     def address(self) -> str:
@@ -168,8 +170,9 @@ class Cluster:
         return self.root / "cli"
 
     # ---- processes ---------------------------------------------------------------------------
-    def start_superlink(self, timeout: float = 60.0) -> Service:
-        """`flower-superlink` serving the Fleet, Control and Runtime APIs on one TLS port."""
+    def start_superlink(self, timeout: float = 60.0, log_name: str = "superlink") -> Service:
+        """`flower-superlink` serving the Fleet, Control and Runtime APIs on one TLS port;
+        its state (registered keys, runs) persists in superlink/state.db across restarts."""
         home = self.root / "superlink"
         service = Service(
             "superlink",
@@ -191,12 +194,20 @@ class Cluster:
                 str(home / "state.db"),
             ],
             home,
-            self.root / "superlink.log",
+            self.root / f"{log_name}.log",
         )
         self.services.append(service.start())
         service.wait_for_log(r"Uvicorn running on https://", timeout)
         self._write_cli_config()
+        self.superlink = service
         return service
+
+    def restart_superlink(self, timeout: float = 60.0) -> Service:
+        """Kill the SuperLink with its SuperExec and ServerApp (as a machine restart would),
+        then start it again on the same port and database."""
+        assert self.superlink is not None
+        self.superlink.stop(grace=0.5)
+        return self.start_superlink(timeout, log_name=f"superlink-{len(self.services)}")
 
     def start_supernode(
         self,
@@ -205,10 +216,13 @@ class Cluster:
         keys: NodeKeys | None,
         *,
         max_retries: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        bin_dir: Path = VENV_BIN,
     ) -> Service:
-        """`flower-supernode` with its own Runtime API port, node config and auth key."""
+        """`flower-supernode` (from `bin_dir`'s environment) with its own Runtime API port,
+        node config and auth key."""
         args = [
-            str(VENV_BIN / "flower-supernode"),
+            str(bin_dir / "flower-supernode"),
             "--superlink",
             self.address,
             "--root-certificates",
@@ -222,7 +236,8 @@ class Cluster:
             args += ["--auth-supernode-private-key", str(keys.private_key)]
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
-        service = Service(name, args, self.root / name, self.root / f"{name}.log")
+        args += extra_args
+        service = Service(name, args, self.root / name, self.root / f"{name}.log", bin_dir)
         self.services.append(service.start())
         return service
 
@@ -242,8 +257,10 @@ class Cluster:
             f'root-certificates = "{self.certs.ca_cert}"\n'
         )
 
-    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run the `flwr` CLI against this cluster's connection; fail loudly on error."""
+    def flwr(self, *args: str, timeout: float = 60.0,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the `flwr` CLI against this cluster's connection; fail loudly on error
+        (unless `check` is false)."""
         cmd = [str(VENV_BIN / "flwr"), *args]
         try:
             res = subprocess.run(
@@ -257,7 +274,7 @@ class Cluster:
             )
         except subprocess.TimeoutExpired as err:
             raise DeploymentError(f"{' '.join(cmd)} timed out after {timeout:.0f}s") from err
-        if res.returncode != 0:
+        if check and res.returncode != 0:
             raise DeploymentError(
                 f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
             )

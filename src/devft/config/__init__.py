@@ -52,8 +52,10 @@ __all__ = [
 @dataclass
 class RunConfig:
     method: str = "devft"
-    """Federated method; see `devft.methods.METHOD_NAMES`."""
+    """Federated method (`devft.methods.METHODS`; `devft methods` lists them)."""
     seed: int = 0
+    """Seeds the LoRA init, partitions, client sampling, batches (unless train.batch_seed is
+    set), dropout and k-means."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
@@ -96,6 +98,10 @@ def _check_across_sections(cfg: RunConfig) -> None:
     _check(len(cfg.lora.client_ranks) <= fed.num_clients, "lora.client_ranks",
            cfg.lora.client_ranks, f"at most federation.num_clients={fed.num_clients} ranks "
            "(one per client, cycled)")
+    _check(cfg.model.quantization == "none" or method.aggregation != "flora",
+           "model.quantization", cfg.model.quantization,
+           f"none for method {cfg.method}: FLoRA merges its clients' LoRA into the base weights, "
+           "which a quantized base cannot take without requantizing them every round")
     if method.aggregation == "dofit":
         _check(cfg.dofit.domains <= fed.num_clients, "dofit.domains", cfg.dofit.domains,
                f"at most federation.num_clients={fed.num_clients} (a domain needs a client)")

@@ -110,6 +110,11 @@ class StopConfig:
     """How long the last stage runs (`stop.rule`; devft.core.stopping decides)."""
 
     rule: Literal["rounds", "plateau", "target"] = "rounds"
+    """Length of the run's last stage (earlier stages keep their rounds): rounds = as
+    scheduled; plateau = until the held-out loss improves by less than rel_improvement over
+    window rounds (between min_rounds and max_rounds); target = until the held-out loss is at
+    most target_loss or the client FLOPs reach flops_budget (at most max_rounds). summary.json's
+    `stop` says which ended the run."""
     window: int = 4
     """plateau: rounds over which the relative improvement is measured."""
     rel_improvement: float = 0.01

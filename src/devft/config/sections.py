@@ -17,6 +17,10 @@ def _check(cond: bool, field_name: str, value: object, allowed: str) -> None:
         raise ConfigError(field_name, value, allowed)
 
 
+QUANTIZATIONS: tuple[str, ...] = ("none", "nf4", "int8")
+"""model.quantization's values (bitsandbytes storage of the decoder layers' linear weights)."""
+
+
 @dataclass
 class ModelConfig:
     path: str = "smollm2-135m-instruct"
@@ -29,6 +33,21 @@ class ModelConfig:
     """For clients that do not store the base's weights: the server sends each stage's fused
     dense layers once per stage, and the embeddings, final norm and head once per run (counted
     in bytes_down). Off: clients build their stage from their own copy of the base."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """Storage of the decoder layers' linear weights (bitsandbytes): none = model.dtype; nf4 =
+    4-bit NormalFloat (QLoRA's), int8 = 8-bit rows. Quantized layer by layer as a stage is
+    built, after fusion in full precision; embeddings, norms and LM head keep model.dtype,
+    LoRA and optimizer state fp32. Not with flora (it merges into the base weights)."""
+
+    def __post_init__(self) -> None:
+        _check(self.quantization in QUANTIZATIONS, "model.quantization", self.quantization,
+               f"one of {', '.join(QUANTIZATIONS)}")
+        if self.quantization != "none":  # found, not imported: this module imports no torch
+            import importlib.util
+
+            _check(importlib.util.find_spec("bitsandbytes") is not None, "model.quantization",
+                   self.quantization, "none unless bitsandbytes is installed (pip install "
+                   "bitsandbytes==0.50.2)")
 
 
 @dataclass
@@ -38,6 +57,7 @@ class LoraSettings:
     alpha: float = 16.0
     """LoRA alpha; the update is scaled by alpha / r."""
     dropout: float = 0.05
+    """Dropout on the LoRA branch's input during training."""
     target_modules: list[str] = field(default_factory=list)
     """Module names to adapt; empty = all attention and MLP projections of the model family."""
     client_ranks: list[int] = field(default_factory=list)
@@ -58,12 +78,16 @@ class DataConfig:
     """Bundled data set (tasks, sharegpt) or a path to a .json/.jsonl file of
     instruction/input/output records (optional category)."""
     max_seq_len: int = 256
+    """Tokens per example; a longer prompt is cut from the left, the response is kept."""
     heldout_fraction: float = 0.1
     """Share of each category's rows kept out of training for held-out evaluation."""
     eval_examples: int = 48
     """Held-out examples the server scores every round (stratified over categories)."""
     eval_batch_size: int = 16
+    """Batch size of the server's held-out evaluation (memory only; the loss is the same)."""
     partition: Literal["iid", "dirichlet"] = "iid"
+    """How the training rows are split over clients: iid, or dirichlet = non-IID over the
+    rows' category (flwr-datasets partitioners)."""
     dirichlet_alpha: float = 0.5
     """Concentration of the Dirichlet split over categories (smaller = more skewed)."""
 
@@ -95,6 +119,7 @@ class DataConfig:
 @dataclass
 class FederationConfig:
     num_clients: int = 4
+    """Clients (data partitions) in the federation."""
     clients_per_round: int = 0
     """Clients sampled each round; 0 = all."""
     rounds: int = 12
@@ -166,18 +191,25 @@ class TrainConfig:
     local_steps: int = 3
     """Optimizer steps each client runs per round."""
     batch_size: int = 4
+    """Examples per local step."""
     lr: float = 3e-4
+    """AdamW learning rate (the optimizer starts fresh every round)."""
     weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 disables it."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 = torch.autocast to bfloat16 (LoRA weights stay fp32). fp32 by default: on CPUs
-    without AVX-512 BF16 (e.g. this AVX2 machine) bf16 matmuls are ~6x slower than fp32."""
+    without AVX-512 BF16 instructions a bf16 matmul measured ~6x slower than fp32 (113 ms
+    against 19 ms on an AVX2 CPU). Use bf16 on GPUs and CPUs with AVX-512 BF16."""
     threads: int = 0
     """torch intra-op threads; 0 = leave torch's default."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations during backward instead of keeping them:
     less client memory for about one more forward pass of compute (every method)."""
+    batch_seed: int = -1
+    """Seed of the clients' batch draws only; -1 = the run's `seed`. Another value gives a
+    replicate of a run: the same initial LoRA, partitions and schedule, other batches."""
     release_memory: bool = True
     """glibc: fix malloc's mmap threshold at 128 KiB in client processes, so freed activations
     go back to the OS instead of staying in a fragmented heap (devft.training.allocator)."""
@@ -194,6 +226,8 @@ class TrainConfig:
             "a number >= 0 (0 disables clipping)",
         )
         _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0")
+        _check(self.batch_seed >= -1, "train.batch_seed", self.batch_seed,
+               "an integer >= 0, or -1 for the run's seed")
 
 
 @dataclass
@@ -202,6 +236,7 @@ class DevFTConfig:
     """Layer count of each stage, strictly increasing and ending at the model's depth;
     empty = num_stages stages doubling up to the depth (30 layers: 4, 8, 15, 30)."""
     num_stages: int = 4
+    """Stages when devft.stages is empty."""
     rounds_per_stage: list[int] = field(default_factory=list)
     """Rounds of each stage (one number = every stage); empty = federation.rounds split evenly."""
     beta: float = 0.1
@@ -248,7 +283,9 @@ class DevFTConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/latest"
+    """Output directory (set by --out)."""
     progress: bool = True
     """Show progress bars on rounds and local steps."""
     resume: bool = False
-    """Continue the run in `dir` from its last checkpoint (set by `devft run --resume DIR`)."""
+    """Continue the run in `dir` from its last checkpoint (set by `devft run --resume DIR`;
+    with `flwr run`, resubmit the run's config with `output.resume=true`)."""

@@ -4,7 +4,9 @@ Adapters are read from safetensors only: a directory whose weights are pickled
 (`adapter_model.bin`, `.pt`, ...) is refused, so evaluating an adapter never runs code from a
 file. The base model is the adapter's `base_model_name_or_path`, or, when that path does not
 exist here (a run made on another machine), the `model.path` of the run's `config.json` beside
-the adapter directory; an explicit model path overrides both.
+the adapter directory; an explicit model path overrides both. With a quantization (nf4,
+int8) the base is built layer by layer from its files by devft's stage builder, its decoder
+layers' linear weights quantized as in training.
 """
 
 from __future__ import annotations
@@ -98,21 +100,32 @@ def load_eval_model(
     model_path: str | None = None,
     device: str = "auto",
     dtype: str = "fp32",
+    quantization: str = "none",
 ) -> EvalModel:
-    """The base model (a private copy when an adapter is attached) plus optional LoRA adapter."""
+    """The base model (a private copy when an adapter is attached, quantized when asked) plus
+    optional LoRA adapter."""
     from devft.models.loading import load_base_model
 
     adapter_dir = check_adapter_dir(adapter) if adapter is not None else None
     run_config = read_run_config(adapter_dir) if adapter_dir is not None else {}
     if model_path is None:
         model_path = _adapter_base(adapter_dir, run_config) if adapter_dir else ModelConfig().path
-    base = load_base_model(ModelConfig(path=model_path, dtype=dtype, device=device))  # type: ignore[arg-type]
+    cfg = ModelConfig(path=model_path, dtype=dtype, device=device, quantization=quantization)  # type: ignore[arg-type]
+    if quantization != "none":
+        from devft.models.client_stage import built_base_model, client_tokenizer
+
+        model, tokenizer = built_base_model(cfg), client_tokenizer(cfg)
+    else:
+        base = load_base_model(cfg)
+        if adapter_dir is None:
+            return EvalModel(base.model, base.tokenizer, model_path)
+        # the cached base model stays free of LoRA layers
+        model, tokenizer = copy.deepcopy(base.model), base.tokenizer
     if adapter_dir is None:
-        return EvalModel(base.model, base.tokenizer, model_path)
+        return EvalModel(model, tokenizer, model_path)
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    model = copy.deepcopy(base.model)  # the cached base model stays free of LoRA layers
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except SafetensorError as err:
@@ -123,5 +136,5 @@ def load_eval_model(
             f"--adapter = {str(adapter_dir)!r} could not be loaded onto {model_path!r}: {err}"
         ) from None
     model.eval()
-    log.info("loaded adapter %s onto %s", adapter_dir, model_path)
-    return EvalModel(model, base.tokenizer, model_path, str(adapter_dir), run_config)
+    log.info("loaded adapter %s onto %s (quantization %s)", adapter_dir, model_path, quantization)
+    return EvalModel(model, tokenizer, model_path, str(adapter_dir), run_config)

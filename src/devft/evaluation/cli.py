@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from devft.config import DataConfig
+from devft.config.sections import QUANTIZATIONS
 from devft.data.tasks import TRAIN_TASKS
 from devft.errors import ConfigError
 from devft.files import atomic_write_json
@@ -55,6 +56,9 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="items per forward (default 16)")
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                   help="store the base's decoder linear weights as nf4 or int8 (bitsandbytes), "
+                        "e.g. as the adapter was trained (default none)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -154,12 +158,14 @@ def eval_main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        loaded = load_eval_model(args.adapter, args.model, args.device, "fp32")
+        loaded = load_eval_model(args.adapter, args.model, args.device, "fp32",
+                                 args.quantization)
     except ConfigError as err:
         if err.field != "model.path":
             raise
         raise ConfigError("--model", err.value, err.allowed) from None
-    report: dict[str, Any] = {"adapter": loaded.adapter, "model": loaded.model_path}
+    report: dict[str, Any] = {"adapter": loaded.adapter, "model": loaded.model_path,
+                              "quantization": args.quantization}
     report.update(
         evaluate_tasks(
             loaded.model,

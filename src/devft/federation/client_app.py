@@ -26,6 +26,7 @@ from devft.config import LoraSettings, RunConfig, from_run_config
 from devft.core.frozen import drop_layers, fill_frozen, in_layers
 from devft.data import SHARD_NODE_KEY, client_shard, collate, encode, length_sorted_batches
 from devft.errors import ConfigError
+from devft.federation.progress import OPERATOR, data_line, enable_operator_log
 from devft.federation.shipping import shipped_source
 from devft.federation.wire import from_array_record, plan_from_config, to_array_record
 from devft.models.client_stage import (
@@ -102,7 +103,8 @@ def _shard_tokens(cfg: RunConfig, data: Any) -> int | None:
 
 def _train_batches(cfg: RunConfig, env: ClientEnv, tok: Any) -> list[dict[str, Any]]:
     """This round's local batches, from the shard's token ids when they serve this run."""
-    args = (env.round, cfg.train.local_steps, cfg.train.batch_size, cfg.seed)
+    seed = cfg.seed if cfg.train.batch_seed < 0 else cfg.train.batch_seed
+    args = (env.round, cfg.train.local_steps, cfg.train.batch_size, seed)
     pad = _shard_tokens(cfg, env.data)
     if pad is not None:
         return [collate(e, pad) for e in env.data.encoded_batches(*args)]
@@ -125,6 +127,8 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
     rule = make_rule(cfg)
     plan = plan_from_config(msg.content["config"])
     env, layout = _env(cfg, rule, plan, msg, context)
+    OPERATOR.info(data_line(env.partition, cfg.federation.num_clients, env.data.size,
+                            context.node_config.get(SHARD_NODE_KEY), cfg.data.name))
     received = from_array_record(msg.content["arrays"])
     model, tok = _model(cfg, rule, plan, rule.lora_settings(env), msg, context, received, env)
     template, frozen = get_lora_state(model), plan.frozen  # frozen: an emulator's layers
@@ -180,6 +184,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if cfg is None:  # `flwr run`: this stdout goes to the SuperNode's log
+            enable_operator_log()
         return client_train(msg, context, cfg or from_run_config(context.run_config))
 
     @app.evaluate()

@@ -54,7 +54,8 @@ class GlobalModel:
         self.depth = self.base.num_layers
         self.prefix = self.base.family.lora_prefix()
         self.data = federated_data(cfg.data, cfg.federation.num_clients, cfg.seed)
-        self.full = stage_model(self.base, StagePlan.full(self.depth), cfg.lora)
+        self.full = stage_model(self.base, StagePlan.full(self.depth), cfg.lora,
+                                cfg.model.quantization)
         self.lora: StateDict = seeded_lora_init(self.full, cfg.seed)
         self.initial_lora: StateDict = {k: v.clone() for k, v in self.lora.items()}
         self.stage_report: dict[str, Any] = {}
@@ -168,7 +169,7 @@ class GlobalModel:
 
     def _loaded_submodel(self, plan: StagePlan, sub_lora: StateDict):
         """The plan's submodel with `sub_lora` loaded; frozen layers get B = 0."""
-        model = stage_model(self.base, plan, self.cfg.lora)
+        model = stage_model(self.base, plan, self.cfg.lora, self.cfg.model.quantization)
         if plan.frozen:
             sub_lora = fill_frozen(sub_lora, get_lora_state(model), plan.frozen, self.prefix)
         set_lora_state(model, sub_lora)

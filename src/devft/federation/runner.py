@@ -23,6 +23,7 @@ from devft.lock import output_lock
 from devft.methods import get_method
 from devft.models.loading import load_base_model, resolve_device
 from devft.models.lora import target_modules
+from devft.models.quantize import require_bitsandbytes
 from devft.reporting.recorder import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def prepare(cfg: RunConfig) -> None:
     Raises a `DevFTError` (ConfigError, DataError, ModelError) naming what is wrong.
     """
     resolve_device(cfg.model.device)
+    require_bitsandbytes(cfg.model.quantization)
     base = load_base_model(cfg.model)
     target_modules(cfg.lora, base.family, base.model)
     method = get_method(cfg.method)

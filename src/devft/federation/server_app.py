@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from devft.config import RunConfig, from_run_config
 from devft.core.stopping import stop_summary
-from devft.errors import DevFTError
+from devft.errors import DevFTError, RunStalledError
 from devft.federation.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -28,6 +28,7 @@ from devft.federation.checkpoint import (
 from devft.federation.global_model import GlobalModel
 from devft.federation.grid import MeteredGrid
 from devft.federation.pacing import StagePacer
+from devft.federation.progress import OPERATOR, enable_operator_log, round_line, summary_line
 from devft.federation.shipping import STORE as SHIPPED_STORE
 from devft.federation.strategy import StagedStrategy
 from devft.federation.wire import to_array_record
@@ -35,7 +36,7 @@ from devft.files import atomic_dir, atomic_write_json
 from devft.lock import output_lock
 from devft.models.loading import release_private_base
 from devft.models.submodel import StagePlan
-from devft.reporting.card import CARD_FILE, adapter_card
+from devft.reporting.card import CARD_FILE, adapter_card, name_base_model
 from devft.reporting.plots import plot_run
 from devft.reporting.recorder import RunRecorder, read_metrics
 from devft.rules import make_rule
@@ -95,6 +96,7 @@ class ServerRun:
             with atomic_dir(self.out / "adapter") as adapter:
                 if not self.rule.export(adapter, self.model):
                     self.model.save_adapter(adapter)
+                name_base_model(adapter, self.cfg.model.path)
                 (adapter / CARD_FILE).write_text(adapter_card(self.cfg, self.recorder.records))
         finally:
             release_private_base(self.cfg.output.dir)
@@ -108,6 +110,7 @@ class ServerRun:
                                  self.recorder.records[-1]["round"]),
         })
         plot_run(self.recorder.records, self.out / "loss.png")
+        OPERATOR.info(summary_line(summary, str(self.out.resolve())))
         return summary
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -134,10 +137,12 @@ class ServerRun:
         """Load the latest checkpoint; returns (stage index, rounds done in it, global round)."""
         ckpt = load_checkpoint(self.out)
         state, tensors = ckpt.state, ckpt.tensors
-        saved = {k: v for k, v in state["config"].items() if k != "output"}
-        if saved != {k: v for k, v in self.cfg.to_dict().items() if k != "output"}:
+        loose = ("output", "stop")  # another stop rule extends (or shortens) the last stage
+        saved = {k: v for k, v in state["config"].items() if k not in loose}
+        if saved != {k: v for k, v in self.cfg.to_dict().items() if k not in loose}:
             raise DevFTError(f"--resume {self.out}: the checkpoint was written with another "
-                             "config; resume with the run's own config.json")
+                             "config (only stop.* may differ); resume with the run's own "
+                             "config.json")
         p = state["plan"]
         self.plan = StagePlan(state["stage"], tuple(tuple(g) for g in p["groups"]), p["beta"],
                               p["fusion"], tuple(p.get("frozen", ())))
@@ -201,6 +206,7 @@ class ServerRun:
             record.update(self.strategy.last_train)
             record["clients_failed"] = max(record.get("clients_failed", 0), counts.failed)
         record = recorder.record_round(record)
+        OPERATOR.info(round_line(record, recorder.total_rounds, len(self.schedule)))
         self._checkpoint(record["round"], stage_round)
         return MetricRecord({"eval_loss": record["eval_loss"]})
 
@@ -219,7 +225,18 @@ def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg or from_run_config(context.run_config))
+        if cfg is not None:
+            run_server(grid, cfg)
+            return
+        enable_operator_log()  # `flwr run`: this stdout is what `flwr log` shows
+        try:
+            run_server(grid, from_run_config(context.run_config))
+        except DevFTError as err:  # the CLI's one line, for the submitter's `flwr log`
+            if isinstance(err, RunStalledError):  # its hint names the in-process command
+                err = RunStalledError(f"{err} (with `flwr run`: resubmit the same "
+                                      "--run-config plus output.resume=true)")
+            OPERATOR.error("error: %s", err)
+            raise RuntimeError(f"devft: error: {err}") from None
 
     return app
 

@@ -4,7 +4,10 @@ Server (`LayerShipper`, driven by the strategy): per stage, it fuses the stage's
 from its own base with the clients' builder (`devft.models.stage_builder`) and adds them to a
 node's train message, in a record of its own (`stage-weights`), until the node has replied to
 a message that carried them; the embeddings, final norm and LM head go the same way once per
-run. Tensors keep the base's dtype on the wire (bf16 as its 16-bit pattern).
+run. Tensors keep the base's dtype on the wire (bf16 as its 16-bit pattern). With
+`model.quantization` the server quantizes each fused linear weight as the clients would, and
+ships its packed bytes and statistics (`devft.models.quantize.weight_parts`), counted as sent:
+the client uses them as they are.
 
 Client (`shipped_source`): keeps what it was sent in the node's `context.state` (Flower
 carries that state between a SuperNode's rounds; a stage's layers replace the previous
@@ -27,9 +30,18 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from devft.config import RunConfig
 from devft.errors import ConfigError, ModelError
+from devft.models.families import get_attr
 from devft.models.loading import DTYPES, local_model_dir
-from devft.models.stage_builder import BaseLayout, base_layout, stage_names, stage_tensor
-from devft.models.submodel import StagePlan
+from devft.models.quantize import linear_weight, quantize_weight, weight_parts
+from devft.models.stage_builder import (
+    BaseLayout,
+    base_layout,
+    meta_model,
+    quantized_modules,
+    stage_names,
+    stage_tensor,
+)
+from devft.models.submodel import StagePlan, sub_config
 from devft.models.tensor_source import MemorySource, module_source
 
 SHIPPED = "stage-weights"
@@ -55,8 +67,9 @@ def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(arrays)
 
 
-def _view(array: Array, dtype: torch.dtype) -> torch.Tensor:
-    """A zero-copy tensor over an Array's .npy bytes (int16 arrays are bfloat16 bits)."""
+def _view(array: Array) -> torch.Tensor:
+    """A zero-copy tensor over an Array's .npy bytes (int16 arrays are bfloat16 bits), in its
+    own dtype (the source casts model tensors to model.dtype, never quantization statistics)."""
     buffer = io.BytesIO(array.data)
     version = np.lib.format.read_magic(buffer)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -69,7 +82,7 @@ def _view(array: Array, dtype: torch.dtype) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")
         tensor = torch.from_numpy(flat.reshape(shape))  # frozen weights: never written
-    return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor.to(dtype)
+    return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor
 
 
 def record_bytes(content: RecordDict, name: str) -> int:
@@ -93,6 +106,7 @@ class LayerShipper:
         self.layout: BaseLayout = base_layout(str(local_model_dir(cfg.model.path)))
         self.source = module_source(self.base.model, f"the server's base {self.base.path}")
         self.dtype = DTYPES[cfg.model.dtype]
+        self.quantization = cfg.model.quantization
         self.fixed: ArrayRecord | None = None
         self.layers: ArrayRecord | None = None
         self.key: str | None = None
@@ -107,11 +121,21 @@ class LayerShipper:
             return
         self.layers = None  # release the previous stage's layers before fusing the next
         prefix, groups = self.layout.layer_prefix(), plan.group_lists()
+        skeleton = meta_model(sub_config(self.layout.config, self.layout.family, groups,
+                                         self.layout.depth), self.dtype)
+        linears = quantized_modules(skeleton, self.layout, self.quantization)
         fixed, layers = {}, {}
         for name in stage_names(self.layout, plan.num_layers):
             if name.startswith(prefix):
-                layers[name] = stage_tensor(self.source, self.layout, name, groups, plan.beta,
-                                            plan.fusion, self.dtype, plan.residual)
+                tensor = stage_tensor(self.source, self.layout, name, groups, plan.beta,
+                                      plan.fusion, self.dtype, plan.residual)
+                if name in linears:  # quantized on the server, as the client would
+                    module = get_attr(skeleton, linears[name])
+                    weight = quantize_weight(linear_weight(module, tensor), self.quantization,
+                                             torch.device("cpu"))
+                    layers.update(weight_parts(weight, name))
+                else:
+                    layers[name] = tensor
             elif self.fixed is None:
                 fixed[name] = self.source.get(name, self.dtype)
         if self.fixed is None:
@@ -154,6 +178,5 @@ def shipped_source(msg: Message, context: Context, plan: StagePlan, cfg: RunConf
         raise ModelError(
             f"model.ship_layers: this client holds no dense layers for stage {plan.stage} "
             "and the message carried none (the server sends them again after a failed round)")
-    dtype = DTYPES[cfg.model.dtype]
-    tensors = {k: _view(a, dtype) for name in (_FIXED, _LAYERS) for k, a in state[name].items()}
+    tensors = {k: _view(a) for name in (_FIXED, _LAYERS) for k, a in state[name].items()}
     return MemorySource(tensors, "the layers the server shipped"), ("shipped", key)

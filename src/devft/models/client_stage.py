@@ -1,13 +1,15 @@
 """A stage client's model: only its stage, one stage at a time, the same code in every runtime.
 
 `client_stage_model` builds the LoRA-wrapped submodel of a stage plan with
-`devft.models.stage_builder`, from one of three sources:
+`devft.models.stage_builder` (the builder the server uses too), from one of three sources:
 - the base model's safetensors files, memory-mapped (a SuperNode's or Ray worker's process,
   which never loads the whole base);
 - the base this process already holds (the in-process grid, whose server loaded it): the
   same builder, sharing the base's tensors instead of reading the files again;
 - the dense layers the server shipped (`federation.ship_layers`, for devices without the
-  base's weights).
+  base's weights; quantized when `model.quantization` is).
+With `model.quantization` the builder quantizes the stage's decoder linear weights one by one
+as it reads or fuses them; no caller here branches on it.
 The process holds one stage: building another first releases the previous stage's model, its
 LoRA and everything that referenced them (the optimizer lives only inside a round).
 """
@@ -28,6 +30,7 @@ from peft import PeftModel
 from devft.config import LoraSettings, ModelConfig
 from devft.models.loading import (
     DTYPES,
+    load_base_model,
     load_tokenizer,
     loaded_base_model,
     local_model_dir,
@@ -105,13 +108,26 @@ def tokenizer_digest(cfg: ModelConfig) -> str:
 
 def _base_source(cfg: ModelConfig, layout: BaseLayout) -> tuple[Callable[[], TensorSource],
                                                                  Hashable]:
-    """(opener, key) of the base's tensors: the loaded base when this process holds one (the
-    in-process grid), else the memory-mapped files (checked against config.json)."""
+    """(opener, key) of the base's tensors: the base this process holds (the in-process grid)
+    or must load (a family whose files transformers converts at load, e.g. Mixtral's
+    per-expert tensors: memory then does not follow the stage), else the memory-mapped files
+    (checked against config.json)."""
     shared = loaded_base_model(cfg)
+    if shared is None and layout.needs_conversion:
+        shared = load_base_model(cfg)
+        log.warning("%s: transformers converts this family's checkpoint tensors at load time; "
+                    "the client builds its stage from the fully loaded base", shared.path)
     if shared is not None:
         return lambda: module_source(shared.model, f"the loaded base {shared.path}"), id(shared)
-
     return layout.open_files, "files"
+
+
+def _build(cfg: ModelConfig, layout: BaseLayout, source: TensorSource, groups: list[list[int]],
+           fusion: tuple[float, str, float]) -> Any:
+    """The stage builder with `cfg`'s dtype, device and quantization."""
+    beta, variant, residual = fusion
+    return build_stage(source, layout, groups, beta, variant, DTYPES[cfg.dtype],  # type: ignore[arg-type]
+                       resolve_device(cfg.device), residual, cfg.quantization)
 
 
 def client_stage_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSettings,
@@ -123,45 +139,30 @@ def client_stage_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSettings
     `set_lora_state` before each use.
     """
     layout = client_layout(cfg)
-    dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
-    lora_key = (settings.r, settings.alpha, settings.dropout, tuple(settings.target_modules))
-    if shipped is not None:
+    if shipped is not None:  # the shipped layers are the stage's, already fused
         source, source_key = shipped
         open_source: Callable[[], TensorSource] = lambda: source  # noqa: E731
-        groups = [[n] for n in range(plan.num_layers)]  # the shipped layers are the stage's
-        beta, fusion, residual = UNFUSED
+        groups, fusion = [[n] for n in range(plan.num_layers)], UNFUSED
     else:
-        if layout.needs_conversion:
-            return _converted_family_model(cfg, plan, settings, lora_key)
         open_source, source_key = _base_source(cfg, layout)
-        groups, (beta, fusion, residual) = plan.group_lists(), plan.fusion_key()
-    key = ("stage", layout.path, cfg.dtype, str(device), plan.groups, plan.fusion_key(),
-           lora_key, source_key)
+        groups, fusion = plan.group_lists(), plan.fusion_key()
+    lora_key = (settings.r, settings.alpha, settings.dropout, tuple(settings.target_modules))
+    key = ("stage", layout.path, cfg.dtype, cfg.quantization, str(resolve_device(cfg.device)),
+           plan.groups, plan.fusion_key(), lora_key, source_key)
 
     def build() -> PeftModel:
-        sub = build_stage(open_source(), layout, groups, beta, fusion, dtype, device, residual)
+        sub = _build(cfg, layout, open_source(), groups, fusion)
         return attach_lora(sub, settings, layout.family)
 
     return HOLDER.get(key, build)
 
 
-def _converted_family_model(cfg: ModelConfig, plan: StagePlan, settings: LoraSettings,
-                            lora_key: tuple) -> PeftModel:
-    """Families whose files transformers converts at load (MoE expert merges): their stage
-    is built from the full base loaded by transformers (memory does not follow the stage)."""
-    from devft.models.loading import load_base_model
-    from devft.models.submodel import build_submodel
-
-    base = load_base_model(cfg)
-    log.warning("%s: transformers converts this family's checkpoint tensors at load time; the "
-                "client builds its stage from the fully loaded base", base.path)
-    key = ("converted", id(base), plan.groups, plan.fusion_key(), lora_key)
-
-    def build() -> PeftModel:
-        sub = build_submodel(base.model, base.family, plan.group_lists(), *plan.fusion_key())
-        return attach_lora(sub, settings, base.family)
-
-    return HOLDER.get(key, build)
+def built_base_model(cfg: ModelConfig) -> Any:
+    """The whole base, no LoRA, built like a full-model stage: from its memory-mapped files
+    with `cfg.quantization` (a quantized base never holds its full-precision layers)."""
+    layout = client_layout(cfg)
+    open_source, _ = _base_source(cfg, layout)
+    return _build(cfg, layout, open_source(), [[n] for n in range(layout.depth)], UNFUSED)
 
 
 def set_gradient_checkpointing(model: PeftModel, enabled: bool) -> None:

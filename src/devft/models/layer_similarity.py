@@ -18,11 +18,13 @@ from torch import nn
 
 from devft.core.similarity import cosine_from_gram, per_token_cosine
 from devft.models.families import Family
+from devft.models.quantize import dense_weight
 
 
 def _effective_weight(module: nn.Module) -> torch.Tensor:
-    """W0 + ΔW of a LoRA-wrapped linear (PEFT's own delta, so scaling/fan-in are right)."""
-    weight = module.get_base_layer().weight.detach().float()
+    """W0 + ΔW of a LoRA-wrapped linear (PEFT's own delta, so scaling/fan-in are right); a
+    quantized W0 is dequantized."""
+    weight = dense_weight(module.get_base_layer()).float()
     for adapter in module.active_adapters:
         if adapter in module.lora_A:
             weight = weight + module.get_delta_weight(adapter).detach().float().reshape(

@@ -7,6 +7,11 @@ layer n's tensors from group n's layers, fused with `devft.core.fusion`. A fused
 accumulated one source layer at a time, so building needs about one tensor of extra memory
 beyond the stage itself. The same code builds a client's stage from the base's safetensors
 files, from a base already in memory, or from dense layers the server shipped.
+
+With `model.quantization` (nf4, int8) each decoder-layer linear weight is quantized as soon as
+it is read or fused (`devft.models.quantize`), before the next one is read: the stage never
+holds its layers' full-precision weights all at once. A source that already holds a weight
+quantized (layers the server shipped quantized) gives its packed bytes, used as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, Pre
 from devft.core.fusion import FusionVariant, fuse_group, fusion_coefficients
 from devft.core.grouping import Groups
 from devft.errors import ModelError
-from devft.models.families import FAMILIES, Family, family_of
+from devft.models.families import FAMILIES, Family, family_of, get_attr, set_attr
+from devft.models.quantize import (
+    is_quantizable,
+    linear_weight,
+    mark_quantized,
+    packed_quantization,
+    quantize_weight,
+    quantized_linear,
+    require_bitsandbytes,
+    weight_from_parts,
+)
 from devft.models.submodel import sub_config
 from devft.models.tensor_source import SafetensorsSource, TensorSource, first_missing
 
@@ -91,6 +106,12 @@ def base_layout(path: str) -> BaseLayout:
                       any(isinstance(t, WeightConverter) for t in transforms))
 
 
+def loaded_layout(model: PreTrainedModel, family: Family, path: str) -> BaseLayout:
+    """The layout of a base already loaded (its tensors carry the modules' names)."""
+    return BaseLayout(path, model.config, family, len(family.layers(model)),
+                      tuple(name for name, _ in model.named_parameters()))
+
+
 def check_source(source: TensorSource, layout: BaseLayout) -> None:
     """Refuse files that do not match config.json, naming the first missing tensor."""
     missing = first_missing(source, layout.param_names)
@@ -153,14 +174,54 @@ def stage_names(layout: BaseLayout, num_layers: int) -> list[str]:
     return out
 
 
+def quantized_modules(model: torch.nn.Module, layout: BaseLayout,
+                      quantization: str) -> dict[str, str]:
+    """Weight name -> module path of the decoder layers' linears that `quantization` stores
+    quantized (none: no module)."""
+    if quantization == "none":
+        return {}
+    prefix = layout.layer_prefix()
+    return {f"{path}.weight": path for path, module in model.named_modules()
+            if path.startswith(prefix) and is_quantizable(module)}
+
+
+def quantized_stage_weight(source: TensorSource, keys: set[str], layout: BaseLayout,
+                           module: torch.nn.Module, name: str, groups: Groups, beta: float,
+                           fusion: FusionVariant, dtype: torch.dtype, residual: float,
+                           quantization: str, device: torch.device) -> torch.nn.Parameter:
+    """Linear weight `name` of the stage, quantized: fused (or read) in full precision, then
+    quantized; or, when `source` holds it already quantized, rebuilt from its packed parts."""
+    packed = packed_quantization(keys, name)
+    if packed is None:
+        dense = stage_tensor(source, layout, name, groups, beta, fusion, dtype, residual)
+        return quantize_weight(linear_weight(module, dense), quantization, device)
+    if packed != quantization:
+        raise ModelError(f"{source.name}: weight {name!r} is stored {packed}, not "
+                         f"model.quantization = {quantization!r}")
+    parts = {k: source.get(k, torch.float32) for k in keys if k == name or
+             k.startswith(f"{name}.")}  # statistics stay fp32, packed bytes are integers
+    return weight_from_parts(parts, name, quantization, device)
+
+
 def build_stage(source: TensorSource, layout: BaseLayout, groups: Groups, beta: float,
                 fusion: FusionVariant, dtype: torch.dtype, device: torch.device,
-                residual: float = 0.0) -> PreTrainedModel:
-    """The frozen len(groups)-layer submodel, its tensors read (and fused) from `source`."""
+                residual: float = 0.0, quantization: str = "none") -> PreTrainedModel:
+    """The frozen len(groups)-layer submodel, its tensors read (and fused) from `source`;
+    its decoder layers' linear weights stored as `quantization` says (see module docstring)."""
+    require_bitsandbytes(quantization)
     config = sub_config(layout.config, layout.family, groups, layout.depth)
     sub = meta_model(config, dtype)
+    linears = quantized_modules(sub, layout, quantization)
+    keys = set(source.keys()) if linears else set()
     state = {}
-    for name, _ in sub.named_parameters():
+    for name in [name for name, _ in sub.named_parameters()]:
+        if name in linears:  # replaced by its quantized module; its bias is loaded below
+            path = linears[name]
+            module = get_attr(sub, path)
+            weight = quantized_stage_weight(source, keys, layout, module, name, groups, beta,
+                                            fusion, dtype, residual, quantization, device)
+            set_attr(sub, path, quantized_linear(module, weight, quantization, dtype))
+            continue
         state[name] = stage_tensor(source, layout, name, groups, beta, fusion, dtype,
                                    residual).to(device)
     try:
@@ -174,4 +235,6 @@ def build_stage(source: TensorSource, layout: BaseLayout, groups: Groups, beta: 
         raise ModelError(f"{source.name}: no tensor for the submodel's parameter {on_meta!r}")
     sub.to(device)  # buffers (rotary frequencies, embedding scales); parameters are there
     sub.requires_grad_(False)
+    if linears:
+        mark_quantized(sub, quantization)
     return sub.eval()

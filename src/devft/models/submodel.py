@@ -1,11 +1,14 @@
 """The stage submodel as a real HF model with one decoder layer per group.
 
-Built from the frozen base model without copying its tensors: module objects are new, but
-embeddings, final norm, LM head and every one-layer group's weights are the base's own
-(frozen) tensors; only multi-layer groups get new, fused weights. The config's layer count,
-per-layer config lists and each layer's cache index are updated, so forward, loss and
-`generate` work as on any HF model. This is the server's submodel (it holds the base anyway);
-clients build theirs with `devft.models.client_stage`, which never loads the whole base.
+`stage_model` is the submodel of a base this process has loaded (the server's, and the
+clients' of rules that change the base), built by the one stage builder
+(`devft.models.stage_builder`) from the base's own tensors: embeddings, final norm, LM head and
+every one-layer group's weights are the base's tensors (not copied) unless `model.quantization`
+stores the layers' linear weights quantized; multi-layer groups get new, fused weights. The
+config's layer count and per-layer config lists are the stage's, so forward, loss and
+`generate` work as on any HF model. `build_submodel`, an independent path that deep-copies the
+base's modules, is the reference the builder is tested against. Clients build their stage with
+`devft.models.client_stage`, which never loads the whole base.
 """
 
 from __future__ import annotations
@@ -133,25 +136,37 @@ def sub_config(
     return config
 
 
+def base_stage(base: BaseModel, groups: Groups, beta: float, fusion: FusionVariant,
+               residual: float = 0.0, quantization: str = "none") -> PreTrainedModel:
+    """The stage submodel of a loaded base, by the stage builder from the base's tensors."""
+    from devft.models.stage_builder import build_stage, loaded_layout
+    from devft.models.tensor_source import module_source
+
+    dtype = base.model.get_input_embeddings().weight.dtype
+    return build_stage(module_source(base.model, f"the loaded base {base.path}"),
+                       loaded_layout(base.model, base.family, base.path), groups, beta, fusion,
+                       dtype, base.device, residual, quantization)
+
+
 @functools.lru_cache(maxsize=3)  # the server's full model, its current stage, one spare
 def _cached_stage_model(
-    base: BaseModel, groups: tuple, fusion_key: tuple, lora_key: tuple
+    base: BaseModel, groups: tuple, fusion_key: tuple, lora_key: tuple, quantization: str
 ) -> PeftModel:
     r, alpha, dropout, targets = lora_key
     settings = LoraSettings(r=r, alpha=alpha, dropout=dropout, target_modules=list(targets))
     beta, fusion, residual = fusion_key
-    sub = build_submodel(base.model, base.family, [list(g) for g in groups], beta, fusion,
-                         residual)
+    sub = base_stage(base, [list(g) for g in groups], beta, fusion, residual, quantization)
     return attach_lora(sub, settings, base.family)
 
 
-def stage_model(base: BaseModel, plan: StagePlan, settings: LoraSettings) -> PeftModel:
+def stage_model(base: BaseModel, plan: StagePlan, settings: LoraSettings,
+                quantization: str = "none") -> PeftModel:
     """The LoRA-wrapped submodel of `plan` on `base`, built once per process and reused.
 
     Callers load the adapter they need with `set_lora_state` before each use.
     """
     lora_key = (settings.r, settings.alpha, settings.dropout, tuple(settings.target_modules))
-    return _cached_stage_model(base, plan.groups, plan.fusion_key(), lora_key)
+    return _cached_stage_model(base, plan.groups, plan.fusion_key(), lora_key, quantization)
 
 
 def invalidate_stage_models() -> None:

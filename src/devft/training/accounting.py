@@ -18,8 +18,21 @@ def matmul_params(module: nn.Module) -> int:
     )
 
 
-def lora_params(module: nn.Module) -> int:
-    return sum(p.numel() for name, p in module.named_parameters() if "lora_" in name)
+def lora_params(module: nn.Module, trainable: bool | None = None) -> int:
+    """Elements of the LoRA factors under `module`; with `trainable`, only those whose
+    requires_grad is that value (a frozen layer's LoRA costs what a frozen matmul does)."""
+    return sum(p.numel() for name, p in module.named_parameters()
+               if "lora_" in name and (trainable is None or p.requires_grad == trainable))
+
+
+def attention_width(config: object) -> int:
+    """Width of the attention scores' matmuls: heads × head_dim (Gemma 3 270M: 4 × 256 =
+    1024, not its hidden_size 640); hidden_size where the config names no head_dim."""
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None)
+    if heads and head_dim:
+        return int(heads) * int(head_dim)
+    return int(getattr(config, "hidden_size", 0) or 0)
 
 
 def estimate_train_flops(
@@ -38,7 +51,8 @@ def estimate_train_flops(
 
 
 def attention_flops(batch: int, seq_len: int, hidden: int, num_layers: int) -> int:
-    """QKᵀ and AV matmuls, forward (4·T²·d per sequence and layer) plus backward (2x)."""
+    """QKᵀ and AV matmuls, forward (4·T²·d per sequence and layer) plus backward (2x);
+    `hidden`: the attention width d (`attention_width`)."""
     return 12 * batch * seq_len * seq_len * hidden * num_layers
 
 

@@ -14,6 +14,7 @@ from devft.config import TrainConfig
 from devft.training.accounting import (
     PeakMemory,
     attention_flops,
+    attention_width,
     estimate_train_flops,
     lora_params,
     matmul_params,
@@ -58,8 +59,10 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     device = next(model.parameters()).device
-    n_layer, n_lora, n_head = matmul_params(layers), lora_params(layers), matmul_params(head)
-    hidden = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    # a frozen layer's LoRA (an emulator's) runs forward and passes input gradients only
+    n_layer = matmul_params(layers) + lora_params(layers, trainable=False)
+    n_lora, n_head = lora_params(layers, trainable=True), matmul_params(head)
+    hidden = attention_width(getattr(model, "config", None))
     losses, tokens, resp_tokens, examples, flops = [], 0, 0, 0, 0
     model.train()
     start = time.perf_counter()
