@@ -13,6 +13,10 @@ from pathlib import Path
 
 from devft.errors import ConfigError, DevFTError
 
+# bitsandbytes (imported by peft whenever it is installed) warns on every AVX512-BF16 CPU that
+# an optional kernel package is missing; its own CPU path serves, so the line is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 
 class _TqdmHandler(logging.Handler):
     """Log lines that do not break progress bars."""

@@ -12,6 +12,7 @@ from typing import Any
 from rich.table import Table
 
 from devft.config import RunConfig
+from devft.config.compat import same_config
 from devft.errors import ConfigError, RunFileError
 from devft.federation.checkpoint import CHECKPOINTS
 from devft.federation.runner import run_method
@@ -128,34 +129,14 @@ def _set_aside_other(run_cfg: RunConfig) -> RunConfig:
     return run_cfg
 
 
-NEUTRAL_NEW_KEYS: tuple[str, ...] = ("calibrate.residual_exponents", "train.batch_seed")
-"""Config keys added after runs were saved whose default changes nothing those runs did: a
-saved config without one still matches (at its default). A key added with a change of
-behaviour must not be listed, so runs of the older code are run again, not reused."""
-
-
 def _has_checkpoint(out: Path) -> bool:
     return (out / CHECKPOINTS / "latest.json").is_file()
 
 
 def _same_config(run_cfg: RunConfig, ignore: tuple[str, ...] = ("output",)) -> bool:
-    """Whether the dir's config.json is this config, the `ignore` sections and missing
-    neutral new keys (NEUTRAL_NEW_KEYS, taken at this config's value when it is the
-    default) aside."""
+    """Whether the dir's config.json is this config (devft.config.compat.same_config)."""
     path = Path(run_cfg.output.dir) / "config.json"
-    if not path.is_file():
-        return False
-    saved = read_json_object(path)
-    mine = run_cfg.to_dict()
-    defaults = RunConfig().to_dict()
-    for dotted in NEUTRAL_NEW_KEYS:
-        section, key = dotted.split(".")
-        held = saved.get(section)
-        at_default = mine[section][key] == defaults[section][key]
-        if isinstance(held, dict) and key not in held and at_default:
-            held[key] = mine[section][key]
-    return {k: v for k, v in saved.items() if k not in ignore} == {
-        k: v for k, v in mine.items() if k not in ignore}
+    return path.is_file() and same_config(read_json_object(path), run_cfg.to_dict(), ignore)
 
 
 def _finished(run_cfg: RunConfig) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from devft.config import RunConfig, from_run_config
+from devft.config.compat import same_config
 from devft.core.stopping import stop_summary
 from devft.errors import DevFTError, RunStalledError
 from devft.federation.checkpoint import (
@@ -138,8 +139,7 @@ class ServerRun:
         ckpt = load_checkpoint(self.out)
         state, tensors = ckpt.state, ckpt.tensors
         loose = ("output", "stop")  # another stop rule extends (or shortens) the last stage
-        saved = {k: v for k, v in state["config"].items() if k not in loose}
-        if saved != {k: v for k, v in self.cfg.to_dict().items() if k not in loose}:
+        if not same_config(state["config"], self.cfg.to_dict(), loose):
             raise DevFTError(f"--resume {self.out}: the checkpoint was written with another "
                              "config (only stop.* may differ); resume with the run's own "
                              "config.json")
