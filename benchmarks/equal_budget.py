@@ -117,11 +117,12 @@ def calibration_shape(cfg: RunConfig) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def read_seed(configs: dict[str, RunConfig], budget: float,
-              old: Path | None = None) -> dict[str, Any] | None:
-    """One seed's entry (equal_budget_report.seed_entry) from its saved runs, live or
-    finished, with each run's status and server-side FLOPs; `old`: the equal-cost study's
-    FedIT run of this seed, whose rounds the new FedIT should repeat."""
+def read_seed(configs: dict[str, RunConfig], budget: float, old: Path | None = None
+              ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]] | None:
+    """(one seed's entry, its runs' round records) from its saved runs, live or finished
+    (None: no FedIT rounds yet). The entry is equal_budget_report.seed_entry's, with each
+    run's status and server-side FLOPs; `old`: the equal-cost study's FedIT run of this
+    seed, whose rounds the new FedIT should repeat."""
     from devft.models.loading import check_model_config
     from devft.training.accounting import attention_width
 
@@ -141,40 +142,39 @@ def read_seed(configs: dict[str, RunConfig], budget: float,
     if old is not None and (old / METRICS_FILE).is_file():  # the equal-cost study's FedIT
         entry["fedit_vs_equal_cost_run"] = reproduction(runs["fedit"], read_metrics(old))
     if entry["plateau_round"] is None:
-        return entry
+        return entry, runs
     for m, e in entry["methods"].items():
         done = (Path(configs[m].output.dir) / SUMMARY_FILE).is_file()
         e["status"] = "finished" if done else "running"
         e["server_flops_total"] = server[m][-1]
     entry["budget_ok"] = budget >= BUDGET_FACTOR * entry["plateau_flops"]
-    return entry
+    return entry, runs
 
 
-def report(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def report(args: argparse.Namespace, out: Path, preset: list[str],
+           methods: list[str]) -> dict[str, Any]:
     """equal_budget.json, equal_budget.md and the plots, from what is saved under `out`."""
-    results: dict[str, Any] = {"settings": STUDY + args.set, "budget_factor": BUDGET_FACTOR,
+    results: dict[str, Any] = {"settings": preset + args.set, "budget_factor": BUDGET_FACTOR,
                                "reading": READING, "models": {}}
     curves: dict[str, Any] = {}
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         budget, name = budget_for(model, args.budget), Path(model).name
         per_seed = []
         for seed in args.seeds:
-            configs = seed_configs(args.config, STUDY, args.set, model, seed, out,
-                                   method_list(args.methods), budget)
+            configs = seed_configs(args.config, preset, args.set, model, seed, out, methods,
+                                   budget)
             old = Path(args.old) / name / f"seed-{seed}" / "fedit" if args.old else None
-            entry = read_seed(configs, budget, old)
-            if entry is None:
+            got = read_seed(configs, budget, old)
+            if got is None:
                 continue
+            entry, runs = got
             entry["seed"] = seed
             per_seed.append(entry)
-            curves.setdefault(name, {})[seed] = (
-                {m: read_metrics(c.output.dir) for m, c in configs.items()
-                 if (Path(c.output.dir) / METRICS_FILE).is_file()}, entry)
+            curves.setdefault(name, {})[seed] = (runs, entry)
         readable = [s for s in per_seed if s.get("plateau_round") is not None]
         results["models"][name] = {
             "budget": budget, "per_seed": per_seed,
-            "summary": {m: summarize(readable, m) for m in method_list(args.methods)}}
-    (out / "equal_budget.json").write_text(json.dumps(results, indent=2) + "\n")
+            "summary": {m: summarize(readable, m) for m in methods}}
     (out / "equal_budget.md").write_text(markdown(results))
     results["plots"] = [str(p) for p in plot_study(curves, results, out)]
     (out / "equal_budget.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -202,11 +202,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     setup_logging(verbose=False)
     methods, out = method_list(args.methods), Path(args.out)
+    preset = SMOKE if args.smoke else STUDY
     if args.report_only:
         if not out.is_dir():
             raise ConfigError("--out", str(out), "a folder holding the study's runs")
-        return report(args, out)
-    preset = SMOKE if args.smoke else STUDY
+        return report(args, out, preset, methods)
     done: dict[str, Any] = {}
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         budget = budget_for(model, args.budget)
