@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0   # CPU wheel; an unpinned torch pulls a multi-GB CUDA build
-	$(BIN)/pip install -q -e ".[server,dev]"   # core (a SuperNode) + coordinator + tests
+	$(BIN)/pip install -q -e ".[server,bench,dev]"   # core (a SuperNode) + coordinator + benchmarks + tests
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 

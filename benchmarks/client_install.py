@@ -10,7 +10,8 @@
    ClientApp imports devft from the client venv), training one FedIT round of a tiny model on
    its own shard (`devft shard` with token ids). The run must finish and the node must log
    its shard.
-4. Installs the `[server]` extra into the same venv and measures again: the full install.
+4. Installs the `[server]` extra into the same venv and measures again: the coordinator's
+   install. (`[bench]` adds no package to it: its scipy already comes with scikit-learn.)
 Prints (and with --out writes) the numbers as JSON. Takes ~5-10 min (pip, mostly).
 """
 

@@ -61,7 +61,8 @@ def _run_child(spec: dict, work: Path) -> dict:
 
 
 def _variants(legacy: bool) -> list[dict[str, Any]]:
-    """The served variant first (default shape, checkpointing off), then the replays:
+    """The served variant first (default shape, checkpointing off), then the replays (a
+    variant may add `overrides` of the run config and `spec` entries for the child):
     checkpointing at the default shape (where activations dominate), the small shape, and,
     when `legacy`, at both shapes: the stage client with glibc's default allocator
     (train.release_memory=false) and the legacy client (whole base, default allocator)."""
@@ -103,10 +104,11 @@ def make_grid(cfg, results: list[dict], label: str, legacy: bool):
                 run_cfg = cfg.replace(**{
                     "train.batch_size": variant["batch"], "data.max_seq_len": variant["seq"],
                     "train.gradient_checkpointing": variant["checkpointing"],
-                    "train.release_memory": variant["release_memory"]})
+                    "train.release_memory": variant["release_memory"],
+                    **variant.get("overrides", {})})
                 start = time.perf_counter()
                 out = _run_child({"run_config": run_cfg.to_run_config(),
-                                  "legacy": variant["legacy"]}, work)
+                                  "legacy": variant["legacy"], **variant.get("spec", {})}, work)
                 out.update(variant, method=label, layers=plan_layers,
                            process_s=time.perf_counter() - start)
                 results.append(out)

@@ -4,8 +4,10 @@
 saved beside SPEC.json, printing the process's memory marks, the reply's metrics and the
 limit computed from tensors as one JSON line; `floor` / `floor-strict` instead print the
 VmHWM after the client's imports only (`floor-no-bnb`: as if bitsandbytes were not
-installed). `breakdown` and `step_times` are the parent's --breakdown and --step-times probes,
-which also run in a fresh process.
+installed). A spec with `plan` (the rows' response fraction) also records the memory
+planner's floor and prediction (`devft.models.memory_plan`), made just before the stage is
+built, as the mark `plan`. `breakdown` and `step_times` are the parent's --breakdown and
+--step-times probes, which also run in a fresh process.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def child(spec_path: str) -> None:
     build = client_app._model
 
     def timed_build(*args, **kwargs):
+        if "plan" in spec:  # args: cfg, rule, plan, settings, ...
+            marks["plan"] = _predict(args[0], args[2].num_layers, spec["plan"])
         out = build(*args, **kwargs)
         marks["after_build"] = status()
         return out
@@ -105,16 +109,13 @@ def _use_legacy_client(client_app: Any) -> None:
 
 
 def _limit_from_tensors(client_app: Any, spec: dict) -> dict[str, int]:
-    """Weights, LoRA state and activations of the held stage, counted from its tensors."""
-    import weakref
-
-    import torch
-
+    """Weights, LoRA state and activations of the held stage, counted from its tensors (the
+    activations with `devft.models.memory_probes.saved_tensor_peak`)."""
     from devft.config import from_run_config
     from devft.data import collate, encode, federated_data
     from devft.models.client_stage import HOLDER, client_tokenizer
+    from devft.models.memory_probes import saved_tensor_peak
     from devft.models.submodel import frozen_parameter_bytes
-    from devft.training.loss import response_loss
 
     model = HOLDER.model
     if model is None:  # the legacy client's model is not held: its limit is the stage's
@@ -125,36 +126,26 @@ def _limit_from_tensors(client_app: Any, spec: dict) -> dict[str, int]:
     records = next(iter(data.client_batches(0, 1, 1, cfg.train.batch_size, cfg.seed)))
     batch = collate([encode(r, tok, cfg.data.max_seq_len) for r in records], tok.pad_token_id)
     lora = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    refs: dict[int, int] = {}  # storage -> saved tensors alive on it
-    sizes: dict[int, int] = {}
-    peak = [0, 0]
-
-    def release(ptr: int) -> None:
-        refs[ptr] -= 1
-        if refs[ptr] == 0:
-            del refs[ptr], sizes[ptr]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in params or t.device.type == "meta":
-            return t
-        refs[ptr] = refs.get(ptr, 0) + 1
-        sizes[ptr] = t.untyped_storage().nbytes()
-        weakref.finalize(t, release, ptr)
-        peak[0] = max(peak[0], sum(sizes.values()))
-        peak[1] = max(peak[1], sizes[ptr])
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, n = response_loss(model, batch, cfg.train.precision)
-        (loss / n).backward()
-    model.zero_grad(set_to_none=True)
+    saved = saved_tensor_peak(model, batch, cfg.train.precision)
     return {"weights": frozen_parameter_bytes(model), "lora_state": 4 * lora,
-            "activations": peak[0], "largest_activation": peak[1],
-            "total": frozen_parameter_bytes(model) + 4 * lora + peak[0] + peak[1],
+            "activations": saved.peak, "largest_activation": saved.largest,
+            "total": frozen_parameter_bytes(model) + 4 * lora + saved.peak + saved.largest,
             "batch_shape": list(batch["input_ids"].shape)}
+
+
+def _predict(cfg: Any, layers: int, response_fraction: float) -> dict[str, Any]:
+    """The memory planner's floor and prediction for this client's stage, made where a
+    budgeted client makes it: after its data is loaded, before its stage is built."""
+    from devft.models.memory_plan import client_floor_bytes, planner_for
+
+    floor = client_floor_bytes()
+    start = time.perf_counter()
+    planner = planner_for(cfg.model, cfg.lora, cfg.train.batch_size, cfg.data.max_seq_len,
+                          cfg.train.precision, response_fraction)
+    parts = planner.predict(layers, cfg.model.quantization, cfg.train.gradient_checkpointing,
+                            floor)
+    return {"layers": layers, "response_fraction": response_fraction, "parts": parts.as_dict(),
+            "plan_s": time.perf_counter() - start, "after_plan": status()}
 
 
 def breakdown(model: str, layers: int, batch: int, seq: int, data: Path,

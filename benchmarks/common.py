@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
-from devft.errors import DevFTError
+from devft.errors import ConfigError, DevFTError
 
 
 def int_list(text: str) -> list[int]:
@@ -28,3 +29,14 @@ def run_script(main: Callable[[], None]) -> None:
     except DevFTError as err:
         print(f"devft: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def flops_budget(model: str, given: float, budgets: Mapping[str, float]) -> float:
+    """--budget when given (> 0), else the model's entry in a study's `budgets` (by name)."""
+    if given > 0:
+        return given
+    name = Path(model).name
+    if name not in budgets:
+        raise ConfigError("--budget", given, f"client FLOPs > 0 (no default budget for "
+                          f"{name}; defaults exist for {', '.join(budgets)})")
+    return budgets[name]

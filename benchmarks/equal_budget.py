@@ -28,7 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from common import int_list, run_script
+from common import flops_budget, int_list, run_script
 from equal_budget_plot import plot_study
 from equal_budget_report import (
     READING,
@@ -76,13 +76,7 @@ def method_list(text: str) -> list[str]:
 
 def budget_for(model: str, given: float) -> float:
     """--budget when given, else the model's BUDGETS entry."""
-    if given > 0:
-        return given
-    name = Path(model).name
-    if name not in BUDGETS:
-        raise ConfigError("--budget", given, f"client FLOPs > 0 (no default budget for "
-                          f"{name}; defaults exist for {', '.join(BUDGETS)})")
-    return BUDGETS[name]
+    return flops_budget(model, given, BUDGETS)
 
 
 def run_config(base: RunConfig, run_dir: Path, method: str, budget: float) -> RunConfig:

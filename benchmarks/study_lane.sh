@@ -13,7 +13,8 @@
 # Env: MODEL (default smollm2-135m-instruct), OUT (default results/equal-cost), MC,
 #      PY (default .venv/bin/python), RUNS (logs folder, default runs),
 #      STUDY (default benchmarks/equal_cost.py; benchmarks/equal_budget.py for issue 31's
-#      study, with MC=0 and KEEP_ARGS=--keep-checkpoints), NICE (default 0).
+#      study, with MC=0 and KEEP_ARGS=--keep-checkpoints), NICE (default 0),
+#      EXTRA (more arguments for the study command, e.g. "--set model.quantization=nf4").
 # Logs: $RUNS/logs/eq-NAME-sSEED-METHODS.log; progress: $RUNS/lanes/NAME.progress.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ name=$1; shift
 model=${MODEL:-smollm2-135m-instruct}; out=${OUT:-results/equal-cost}; mc=${MC:-300}
 py=${PY:-.venv/bin/python}; runs=${RUNS:-runs}
 study=${STUDY:-benchmarks/equal_cost.py}; keep_args=${KEEP_ARGS:-}; nice=${NICE:-0}
+extra=${EXTRA:-}
 progress="$runs/lanes/$name.progress"
 mkdir -p "$runs/logs" "$runs/lanes"
 note() { echo "$(date -u +%FT%TZ) $*" >> "$progress"; }
@@ -41,8 +43,9 @@ trap on_signal TERM INT
 for piece in "$@"; do
   seed=${piece%%:*}; methods=${piece#*:}; log="$runs/logs/eq-$name-s$seed-${methods//,/_}"
   note "start $piece"
+  # shellcheck disable=SC2086
   OMP_NUM_THREADS=1 nice -n "$nice" "$py" "$study" --models "$model" --out "$out" \
-    --seeds "$seed" --methods "$methods" > "$log.log" 2>&1
+    --seeds "$seed" --methods "$methods" $extra > "$log.log" 2>&1
   note "end $piece rc=$?"
   if [ "$mc" != 0 ]; then
     OMP_NUM_THREADS=1 "$py" benchmarks/equal_cost.py --models "$model" \

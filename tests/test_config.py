@@ -196,6 +196,18 @@ def test_bad_values_name_field_value_and_allowed(override, field, value, allowed
         (["method=dofit", "dofit.domains=5"], "dofit.domains", "num_clients=4"),
         (["devft.stages=2,4,8", "devft.rounds_per_stage=1,2"], "devft.rounds_per_stage",
          "one per stage of devft.stages (3"),
+        (["data.partition=groups", "data.client_groups=0,1,1"], "data.client_groups",
+         "4 ids (federation.num_clients=4)"),
+        (["data.partition=groups", "data.client_groups=0,1"], "data.client_groups",
+         "federation.num_clients=4"),
+        (["data.partition=groups"], "data.client_groups", "with data.partition=groups"),
+        (["data.client_groups=2x0,2x1"], "data.client_groups", "empty unless"),
+        (["data.partition=groups", "data.client_groups=4x1"], "data.client_groups",
+         "group ids 0..G-1 with every group used (got 1)"),
+        (["data.partition=groups", "data.client_groups=2y0"], "data.client_groups",
+         "tiers like 4x0,4x1"),
+        (["data.partition=groups", "data.client_groups=0x0,4x1"], "data.client_groups",
+         "counts >= 1"),
     ],
 )
 def test_cross_field_constraints_name_field_value_and_allowed(overrides, field, allowed):
@@ -214,10 +226,22 @@ def test_cross_field_constraints_name_field_value_and_allowed(overrides, field, 
         ["method=fedit", "dofit.domains=9"],  # dofit settings unused by fedit
         ["method=fedit", "devft.stages=2,4,8", "devft.rounds_per_stage=1,2"],
         ["devft.stages=2,4,8", "devft.rounds_per_stage=2"],
+        ["data.partition=groups", "data.client_groups=2x0,2x1"],
+        ["data.partition=groups", "data.client_groups=0,1,1,2"],
+        ["data.partition=groups", "data.client_groups=0,3x1"],
     ],
 )
 def test_cross_field_constraints_accept_what_can_work(overrides):
     load_config(None, overrides)
+
+
+def test_client_groups_parse_to_one_group_per_client():
+    from devft.config.groups import num_groups, parse_client_groups
+
+    assert parse_client_groups("") == [] and num_groups([]) == 0
+    assert parse_client_groups("4x0,4x1") == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert parse_client_groups(" 0, 3x1 ,2") == [0, 1, 1, 1, 2]
+    assert num_groups(parse_client_groups("1,0,1")) == 2
 
 
 def test_unknown_method_lists_the_methods():

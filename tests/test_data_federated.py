@@ -92,3 +92,68 @@ def test_dirichlet_and_cache(cfg):
 def test_too_many_clients(cfg):
     with pytest.raises(DataError, match="federation.num_clients=100"):
         FederatedData.build(cfg, num_clients=100, seed=0)
+
+
+# ---- partition by task group (data.partition=groups) -----------------------------------------
+def _groups_cfg(cfg, client_groups):
+    return DataConfig(name=cfg.name, heldout_fraction=0.2, eval_examples=6, partition="groups",
+                      client_groups=client_groups)
+
+
+def test_groups_give_each_client_group_its_own_categories(cfg):
+    data = FederatedData.build(_groups_cfg(cfg, "2x0,2x1"), num_clients=4, seed=0)
+    # sorted categories color, geo, math cut into [color, geo] and [math]
+    seen = [{data.records[i].category for i in p} for p in data.partitions]
+    assert seen == [{"color", "geo"}, {"color", "geo"}, {"math"}, {"math"}]
+    assert sorted(i for p in data.partitions for i in p) == data.train_indices
+    assert abs(len(data.partitions[0]) - len(data.partitions[1])) <= 1  # IID within a group
+    assert abs(len(data.partitions[2]) - len(data.partitions[3])) <= 1
+    # held-out rows and the rows the server scores stay per category, every category
+    plain = FederatedData.build(cfg, num_clients=4, seed=0)
+    assert data.heldout_indices == plain.heldout_indices
+    assert data.eval_indices == plain.eval_indices
+    # deterministic for a seed, another seed gives other shares
+    again = FederatedData.build(_groups_cfg(cfg, "0,0,1,1"), num_clients=4, seed=0)
+    assert again.partitions == data.partitions
+    other = FederatedData.build(_groups_cfg(cfg, "2x0,2x1"), num_clients=4, seed=1)
+    assert other.partitions[0] != data.partitions[0]
+
+
+def test_category_groups_are_contiguous_and_near_equal():
+    from devft.data import category_groups
+
+    names = [f"c{i:02d}" for i in range(12)] * 2
+    assert category_groups(names, 2) == [[f"c{i:02d}" for i in range(6)],
+                                         [f"c{i:02d}" for i in range(6, 12)]]
+    assert [len(g) for g in category_groups(names, 5)] == [3, 3, 2, 2, 2]
+    assert category_groups(["b", "a"], 1) == [["a", "b"]]
+
+
+def test_more_groups_than_categories_is_refused(cfg):
+    from devft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.client_groups.*the data set has 3 categories"):
+        FederatedData.build(_groups_cfg(cfg, "0,1,2,3"), num_clients=4, seed=0)
+
+
+def test_a_group_with_more_clients_than_rows_is_refused(tiny_data_file, tmp_path):
+    import json
+
+    path = tmp_path / "few.jsonl"
+    rows = [{"instruction": f"q{i}", "input": "", "output": "a", "category": c}
+            for i, c in enumerate(["a"] * 20 + ["b"] * 3)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dcfg = DataConfig(name=str(path), heldout_fraction=0.2, eval_examples=4,
+                      partition="groups", client_groups="1x0,3x1")
+    with pytest.raises(DataError, match="client group 1"):
+        FederatedData.build(dcfg, num_clients=4, seed=0)
+
+
+def test_groups_cache_and_shard_key(cfg):
+    from devft.data import shard_key
+
+    a = federated_data(_groups_cfg(cfg, "2x0,2x1"), 4, 0)
+    assert federated_data(_groups_cfg(cfg, "0,0,1,1"), 4, 0) is a  # the same groups
+    assert federated_data(_groups_cfg(cfg, "1x0,3x1"), 4, 0) is not a
+    assert shard_key(_groups_cfg(cfg, "2x0,2x1"), 4, 0)["data.client_groups"] == [0, 0, 1, 1]
+    assert "data.client_groups" not in shard_key(cfg, 4, 0)  # older shards stay valid

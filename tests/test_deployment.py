@@ -40,6 +40,7 @@ from devft.config.flower import REGENERATE, undeclared_keys
 from devft.data import SHARD_NODE_KEY, write_client_shards
 from devft.evaluation.adapters import _adapter_base
 from devft.federation.runner import run_method
+from devft.fetch import fetch_run
 from devft.models.client_stage import client_tokenizer, tokenizer_digest
 from devft.reporting.card import name_base_model
 from devft.reporting.recorder import read_metrics
@@ -227,6 +228,12 @@ def test_devft_runs_two_stages_through_flwr_run(cluster, finished, tmp_path):
     assert all(r["clients_ok"] == NODES and r["clients_failed"] == 0 for r in records[1:])
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())
+    # the submitter collects them (`devft fetch`; here output.dir is a local path): the
+    # adapter the ServerApp wrote is the one its summary.json recorded
+    fetched = fetch_run(str(out), tmp_path / "fetched")
+    assert fetched.names == ["adapter", "summary.json", "metrics.jsonl", "config.json",
+                             "loss.png"]
+    assert "have the SHA-256 that summary.json recorded" in fetched.check.verdict
 
     # the operator's view (`flwr run --stream` = `flwr log`): one line per global round, not
     # the strategy's per-stage "ROUND 1/1", and the summary with the output directory

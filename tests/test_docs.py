@@ -101,7 +101,7 @@ def test_readme_and_benchmarks_stay_short():
 def test_help_is_written_for_users():
     text = _parser().format_help()
     assert "Owns all printing" not in text
-    for command in ("run", "compare", "eval", "generate", "shard", "methods"):
+    for command in ("run", "compare", "eval", "generate", "shard", "fetch", "methods"):
         assert re.search(rf"^\s+{command}\s+\S", text, re.M), command
     assert "docs/configuration.md" in text
 

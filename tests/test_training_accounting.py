@@ -87,3 +87,16 @@ def test_peak_memory_on_cuda_uses_the_allocator_peak():
         del block
 
     assert mem.peak_bytes - mem.start_bytes >= 64 * 2**20
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantized_weight_costs_the_matmul_of_its_dense_shape(quantization):
+    """nf4 packs two elements a byte; its matmul still costs out × in (an nf4 run once counted
+    0.56× the FLOPs of the same fp32 run)."""
+    from devft.models.quantize import quantize_weight
+
+    dense = nn.Linear(128, 96, bias=False)
+    quantized = nn.Module()
+    quantized.weight = quantize_weight(dense.weight.data, quantization, torch.device("cpu"))
+    assert quantized.weight.numel() != dense.weight.numel() or quantization == "int8"
+    assert matmul_params(quantized) == matmul_params(dense) == 128 * 96

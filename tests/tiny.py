@@ -69,3 +69,20 @@ def save_tiny_model(path: Path, family: str = "llama", num_layers: int = 4, seed
     tiny_model(family, num_layers, seed).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def save_wide_model(path: Path, hidden: int, intermediate: int, num_layers: int = 4,
+                    heads: int = 4, kv_heads: int = 2) -> Path:
+    """A llama with the byte tokenizer whose layers are large enough (hidden 128+) for memory
+    budgets in whole MiB to tell depths apart; saved as a HF directory."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=258, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=num_layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=256, eos_token_id=257,
+                         pad_token_id=257)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

@@ -1,4 +1,4 @@
-"""Command line: `devft run`, `compare`, `eval`, `generate`, `shard` and `methods`.
+"""Command line: `devft run`, `compare`, `eval`, `generate`, `shard`, `fetch` and `methods`.
 
 Owns all printing; user mistakes exit 2 with one clear message and no stack trace, and a run
 that stops because its clients keep failing exits 3 (`RunStalledError`). The text users see
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from devft.errors import ConfigError, DevFTError
+from devft.extras import require_extra
 
 # bitsandbytes (imported by peft whenever it is installed) warns on every AVX512-BF16 CPU that
 # an optional kernel package is missing; its own CPU path serves, so the line is noise.
@@ -62,6 +63,7 @@ examples:
   devft run --resume runs/first                 # continue a killed run
   devft eval --adapter runs/first/adapter --tasks arc_easy,piqa
   devft generate --adapter runs/first --prompt "Name three primary colors."
+  devft fetch coord:/srv/devft/runs/lab-1 lab-1  # a deployment run's outputs, checked
 
 Config: YAML (--config) plus --set key=value overrides; every key, its default and its
 allowed values are in docs/configuration.md. Exit codes: 0 done, 2 a mistake in the input
@@ -114,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     from devft.generation import add_generate_parser
 
     add_generate_parser(sub)
+    from devft.fetch import add_fetch_parser
+
+    add_fetch_parser(sub)
     methods = sub.add_parser("methods", help="list the methods, one line each",
                              description="List the federated methods `--method` accepts.")
     methods.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
@@ -158,6 +163,10 @@ def methods_text() -> str:
     return "\n".join(lines)
 
 
+# commands that need an extra beyond the core set; generate, fetch and methods need none
+NEEDS_EXTRA = {"run": "server", "compare": "server", "shard": "data", "eval": "data"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "methods":
@@ -165,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(args.verbose)
     try:
+        if args.command == "fetch":
+            from devft.fetch import fetch_main
+
+            return fetch_main(args)
+        if args.command in NEEDS_EXTRA:  # more than the core set (a SuperNode's) installs
+            require_extra(NEEDS_EXTRA[args.command], f"devft {args.command}")
         if args.command == "eval":
             from devft.evaluation.cli import eval_main
 

@@ -10,6 +10,7 @@ append-only, one fsynced line per round (`append_line`); `read_jsonl` tolerates 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -97,6 +98,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
     fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_digests(directory: str | Path) -> dict[str, str]:
+    """The SHA-256 (hex) of every file under `directory`, keyed by its relative POSIX path:
+    what summary.json records of `adapter/` so that a copy of it can be checked."""
+    root = Path(directory)
+    digests = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        sha = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+        digests[path.relative_to(root).as_posix()] = sha.hexdigest()
+    return digests
 
 
 def append_line(path: str | Path, line: str) -> None:

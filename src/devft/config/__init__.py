@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from devft.config.budgets import parse_levers
+from devft.config.groups import parse_client_groups
 from devft.config.method_sections import (
     AdaptiveConfig,
     C2AConfig,
@@ -109,11 +111,36 @@ def _check_across_sections(cfg: RunConfig) -> None:
     if method.staged and stages and len(rounds) > 1:
         _check(len(rounds) == len(stages), "devft.rounds_per_stage", rounds,
                f"one number, or one per stage of devft.stages ({len(stages)} stages)")
+    groups = parse_client_groups(cfg.data.client_groups)
+    _check(len(groups) in (0, fed.num_clients), "data.client_groups", cfg.data.client_groups,
+           f"one group per client: {fed.num_clients} ids (federation.num_clients="
+           f"{fed.num_clients}), e.g. tiers like 4x0,4x1 for 8 clients")
+    _check_budgets(cfg, method)
     if fed.client_gpus != "auto" and float(fed.client_gpus) > 0:
         _check(fed.runtime == "simulation", "federation.client_gpus", fed.client_gpus,
                "auto or 0 unless federation.runtime=simulation (only Ray shares GPUs)")
         _check(cfg.model.device != "cpu", "federation.client_gpus", fed.client_gpus,
                "auto or 0 with model.device=cpu (the clients would not use the GPUs)")
+
+
+def _check_budgets(cfg: RunConfig, method: Any) -> None:
+    """Per-client budgets: shrinking needs FedAvg replies of real or fused layers only."""
+    fed = cfg.federation
+    if not fed.has_budgets:
+        return
+    levers = parse_levers(fed.budget_levers)
+    _check("quantize" not in levers or method.aggregation != "flora", "federation.budget_levers",
+           fed.budget_levers, f"levers without quantize for method {cfg.method}: FLoRA merges "
+           "into the base, which cannot be quantized")
+    if not fed.shrinks:
+        return
+    why = ("its rule does not aggregate with FedAvg" if method.aggregation != "fedavg" else
+           "its emulator layers are frozen" if method.recipe == "offsite" or
+           method.adapter != "all" else
+           "model.ship_layers ships whole stages" if cfg.model.ship_layers else None)
+    _check(why is None, "federation.budget_policy", fed.budget_policy,
+           f"exclude for method {cfg.method} ({why}); or drop shrink from "
+           "federation.budget_levers")
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:

@@ -12,7 +12,9 @@ import copy
 from typing import Any
 
 NEUTRAL_NEW_KEYS: tuple[str, ...] = ("calibrate.residual_exponents", "train.batch_seed",
-                                     "model.quantization")
+                                     "model.quantization", "federation.client_memory_mb",
+                                     "federation.budget_levers", "federation.budget_policy",
+                                     "federation.shrink_recipe", "data.client_groups")
 """A key added with a change of behaviour must not be listed, so runs of the older code are
 run again, not reused or resumed."""
 

@@ -45,6 +45,14 @@ MODEL_RULES: tuple[str, ...] = (
     "full base) (`federation/shipping.py`).",
     "`federation.client_gpus`: at most the visible GPUs (`federation/runner.py`).",
     "`model.quantization` nf4 or int8: bitsandbytes imports here (`models/quantize.py`).",
+    "`data.client_groups` (`data.partition=groups`): at most as many groups as the data set "
+    "has categories, and at least one training row for each client of a group, once the data "
+    "is loaded (`data/partition.py`).",
+    "`federation.client_memory_mb`: empty, one number, one per client, tiers `COUNTxMiB` "
+    "adding up to `federation.num_clients`, or `node` (`config/budgets.py`); under "
+    "`budget_policy=shrink`, a budget that fits no 1-layer submodel is refused before "
+    "training, and shrinking needs a FedAvg method without emulator layers or "
+    "`model.ship_layers` (`federation/budgets.py`, docs/memory-budgets.md).",
 )
 
 SECTION_INTRO: dict[str, str] = {

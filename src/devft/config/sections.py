@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from devft.config.budgets import parse_budgets, parse_levers
+from devft.config.groups import parse_client_groups
 from devft.errors import ConfigError
 
 
@@ -85,11 +87,16 @@ class DataConfig:
     """Held-out examples the server scores every round (stratified over categories)."""
     eval_batch_size: int = 16
     """Batch size of the server's held-out evaluation (memory only; the loss is the same)."""
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: Literal["iid", "dirichlet", "groups"] = "iid"
     """How the training rows are split over clients: iid, or dirichlet = non-IID over the
-    rows' category (flwr-datasets partitioners)."""
+    rows' category (flwr-datasets partitioners), or groups = by task group (client_groups)."""
     dirichlet_alpha: float = 0.5
     """Concentration of the Dirichlet split over categories (smaller = more skewed)."""
+    client_groups: str = ""
+    """partition=groups: each client's group, one id per client (0,0,1,1) or tiers (4x0,4x1).
+    The sorted categories are cut into G contiguous near-equal groups (G = the number of
+    client groups); group g's clients split its categories' training rows IID; held-out rows
+    stay per category."""
 
     def __post_init__(self) -> None:
         _check(self.max_seq_len >= 16, "data.max_seq_len", self.max_seq_len, "an integer >= 16")
@@ -114,6 +121,12 @@ class DataConfig:
             self.dirichlet_alpha,
             "a positive number",
         )
+        groups = parse_client_groups(self.client_groups)
+        _check(bool(groups) or self.partition != "groups", "data.client_groups",
+               self.client_groups, "one group per client (e.g. 4x0,4x1) with "
+               "data.partition=groups")
+        _check(not groups or self.partition == "groups", "data.client_groups",
+               self.client_groups, "empty unless data.partition=groups")
 
 
 @dataclass
@@ -144,6 +157,21 @@ class FederationConfig:
     """GPUs Ray gives each simulated client (runtime=simulation): a number (fractions up to 1,
     whole numbers above), or auto = an even share of the visible GPUs over the clients of a
     round (0 without GPUs)."""
+    client_memory_mb: str = ""
+    """Per-client memory budgets, MiB of the whole client process's peak (VmHWM, floor
+    included; 0 = no limit): empty = none; one number for all; a comma list, one per client;
+    tiers like 4x0,4x900; or node = each SuperNode's memory-mb node config
+    (docs/memory-budgets.md)."""
+    budget_levers: str = "quantize,checkpoint,shrink"
+    """What a client over its budget may use, in order: quantize (nf4 base weights),
+    checkpoint (gradient checkpointing), shrink (a shallower submodel); or none."""
+    budget_policy: Literal["shrink", "exclude"] = "shrink"
+    """shrink: a client trains the deepest submodel that fits (up to its round's depth);
+    exclude: a client whose round's submodel does not fit sits the round out."""
+    shrink_recipe: Literal["spectral", "layerdrop", "prefix", "random"] = "spectral"
+    """A shrunken client's layers, among its round's: spectral (DevFT's groups at its depth,
+    fused), layerdrop (evenly spaced), prefix (the first d), random (drawn per client and
+    round)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -170,6 +198,20 @@ class FederationConfig:
                "a positive number")
         _check(0 < self.max_client_share <= 1, "federation.max_client_share",
                self.max_client_share, "a number in (0, 1]")
+        parse_budgets(self.client_memory_mb, self.num_clients)
+        parse_levers(self.budget_levers)
+
+    @property
+    def has_budgets(self) -> bool:
+        """Whether any client may have a memory budget (`node`: each node says)."""
+        budgets = parse_budgets(self.client_memory_mb, self.num_clients)
+        return budgets is None or any(b > 0 for b in budgets)
+
+    @property
+    def shrinks(self) -> bool:
+        """Whether a client over its budget may train a shallower submodel."""
+        return (self.has_budgets and self.budget_policy == "shrink"
+                and "shrink" in parse_levers(self.budget_levers))
 
 
 def _parse_number(text: str, tp: type, default: Any) -> Any:

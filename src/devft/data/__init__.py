@@ -6,7 +6,7 @@
   (MMLU, ARC-Challenge) and multiple-choice items for log-likelihood evaluation.
 - `sharegpt`: first human -> gpt turns of the bundled (truncated) ShareGPT file.
 - `splits`: per-category held-out split and stratified samples.
-- `partition`: IID / Dirichlet client partitions (flwr-datasets partitioners).
+- `partition`: IID / Dirichlet / task-group client partitions (flwr-datasets partitioners).
 - `formatting`: chat-template tokenization with response-only labels, and collation.
 - `federated`: `FederatedData`, the per-run bundle of all of the above.
 - `shards`: `ClientShard`, one client's own rows, cut once (`devft shard`) for its node.
@@ -31,7 +31,7 @@ from devft.data.formatting import (
     prompt_messages,
     prompt_text,
 )
-from devft.data.partition import PARTITION_SCHEMES, partition_indices
+from devft.data.partition import PARTITION_SCHEMES, category_groups, partition_indices
 from devft.data.records import BUNDLED_DATASETS, Record, load_records
 from devft.data.shards import SHARD_NODE_KEY, ClientShard, read_shard, shard_key, write_shard
 from devft.data.sharegpt import sharegpt_records
@@ -61,6 +61,7 @@ __all__ = [
     "MCItem",
     "Record",
     "client_shard",
+    "category_groups",
     "collate",
     "encode",
     "federated_data",

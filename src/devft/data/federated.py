@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from devft.config import DataConfig
+from devft.config.groups import parse_client_groups
 from devft.data.partition import partition_indices
 from devft.data.records import BUNDLED_DATASETS, Record, load_records
 from devft.data.shards import (
@@ -45,7 +46,8 @@ class FederatedData:
         categories = [r.category for r in records]
         train, heldout = heldout_split(records, cfg.heldout_fraction, seed)
         local = partition_indices(
-            [categories[i] for i in train], num_clients, cfg.partition, cfg.dirichlet_alpha, seed
+            [categories[i] for i in train], num_clients, cfg.partition, cfg.dirichlet_alpha, seed,
+            parse_client_groups(cfg.client_groups),
         )
         partitions = [[train[j] for j in part] for part in local]
         eval_indices = stratified_sample(heldout, categories, cfg.eval_examples, seed)
@@ -158,6 +160,7 @@ def _data_key(cfg: DataConfig, num_clients: int, seed: int) -> tuple[Any, ...]:
         float(cfg.dirichlet_alpha),
         int(num_clients),
         int(seed),
+        tuple(parse_client_groups(cfg.client_groups)),
     )
 
 
@@ -168,13 +171,14 @@ def federated_data(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
 
 @lru_cache(maxsize=8)
 def _cached_build(key: tuple[Any, ...], name: str) -> FederatedData:
-    _, fraction, eval_examples, partition, alpha, num_clients, seed = key
+    _, fraction, eval_examples, partition, alpha, num_clients, seed, client_groups = key
     cfg = DataConfig(
         name=name,
         heldout_fraction=fraction,
         eval_examples=eval_examples,
         partition=partition,
         dirichlet_alpha=alpha,
+        client_groups=",".join(map(str, client_groups)),
     )
     return FederatedData.build(cfg, num_clients, seed)
 

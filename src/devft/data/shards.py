@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from devft.config import DataConfig
+from devft.config.groups import parse_client_groups
 from devft.data.formatting import Encoded, encode
 from devft.data.records import Record
 from devft.data.splits import seed_key
@@ -36,11 +37,15 @@ SHARD_NODE_KEY = "data-shard"
 
 
 def shard_key(cfg: DataConfig, num_clients: int, seed: int) -> dict[str, Any]:
-    """The fields a client's rows depend on (a shard cut with other values is refused)."""
-    return {"data.name": cfg.name, "data.heldout_fraction": float(cfg.heldout_fraction),
-            "data.eval_examples": int(cfg.eval_examples), "data.partition": cfg.partition,
-            "data.dirichlet_alpha": float(cfg.dirichlet_alpha),
-            "federation.num_clients": int(num_clients), "seed": int(seed)}
+    """The fields a client's rows depend on (a shard cut with other values is refused);
+    data.client_groups only under partition=groups, so shards cut before it existed hold."""
+    key = {"data.name": cfg.name, "data.heldout_fraction": float(cfg.heldout_fraction),
+           "data.eval_examples": int(cfg.eval_examples), "data.partition": cfg.partition,
+           "data.dirichlet_alpha": float(cfg.dirichlet_alpha),
+           "federation.num_clients": int(num_clients), "seed": int(seed)}
+    if cfg.partition == "groups":
+        key["data.client_groups"] = parse_client_groups(cfg.client_groups)
+    return key
 
 
 def draw_batches(rows: Sequence[Row], client: int, round: int, steps: int, batch_size: int,

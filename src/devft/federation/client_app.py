@@ -19,13 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from devft.config import LoraSettings, RunConfig, from_run_config
 from devft.core.frozen import drop_layers, fill_frozen, in_layers
+from devft.core.shrink import table_from_wire
+from devft.core.stagemaps import fuse_state
 from devft.data import SHARD_NODE_KEY, client_shard, collate, encode, length_sorted_batches
 from devft.errors import ConfigError
+from devft.federation.budgets import MIB, RoundWork, plan_work, round_shape
 from devft.federation.progress import OPERATOR, data_line, enable_operator_log
 from devft.federation.shipping import shipped_source
 from devft.federation.wire import from_array_record, plan_from_config, to_array_record
@@ -37,8 +40,10 @@ from devft.models.client_stage import (
     tokenizer_digest,
 )
 from devft.models.lora import get_lora_state, set_lora_state, set_trainable
+from devft.models.memory_plan import client_floor_bytes
 from devft.models.submodel import StagePlan, stage_model
 from devft.rules import ClientEnv, ClientStore, Rule, make_rule
+from devft.training.accounting import peak_rss_bytes
 from devft.training.allocator import return_freed_memory
 from devft.training.evaluation import heldout_batches, heldout_loss
 from devft.training.local import train_local
@@ -120,23 +125,58 @@ def _eval_batches(cfg: RunConfig, env: ClientEnv, tok: Any) -> list[dict[str, An
     return heldout_batches(env.data.eval_rows, tok or client_tokenizer(cfg.model), cfg.data)
 
 
+def _round_work(cfg: RunConfig, plan: StagePlan, env: ClientEnv, msg: Message,
+                context: Context) -> tuple[RoundWork, list[dict[str, Any]]]:
+    """This round's work under the client's memory budget, planned on this round's batches
+    (drawn first; the process's floor is read before its tokenizer loads)."""
+    client_floor_bytes()
+    batches = _train_batches(cfg, env, None)
+    config = msg.content["config"]
+    spectral = (table_from_wire(config["shrink-groups"], config["shrink-sizes"])
+                if "shrink-groups" in config else None)
+    shape = round_shape(batches, cfg.data.max_seq_len)
+    return plan_work(cfg, plan, env.partition, env.round, dict(context.node_config), spectral,
+                     shape), batches
+
+
+def _budget_record(work: RoundWork, env: ClientEnv, stage: StagePlan) -> ConfigRecord:
+    return ConfigRecord({**work.record(env.partition, stage),
+                         "process-peak-mb": peak_rss_bytes() / MIB})
+
+
 def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """One round of local training on this node's partition."""
+    """One round of local training on this node's partition (or of its shrunken submodel,
+    or none, under its memory budget: `devft.federation.budgets`)."""
     if cfg.train.release_memory:
         return_freed_memory()
     rule = make_rule(cfg)
-    plan = plan_from_config(msg.content["config"])
+    stage = plan = plan_from_config(msg.content["config"])
     env, layout = _env(cfg, rule, plan, msg, context)
     OPERATOR.info(data_line(env.partition, cfg.federation.num_clients, env.data.size,
                             context.node_config.get(SHARD_NODE_KEY), cfg.data.name))
+    work, batches = _round_work(cfg, plan, env, msg, context) \
+        if cfg.federation.has_budgets else (None, None)
+    if work is not None and work.sat_out:  # `exclude`: its round's submodel does not fit
+        return Message(RecordDict({
+            "arrays": ArrayRecord(), "budget": _budget_record(work, env, stage),
+            "metrics": MetricRecord({"num-examples": env.data.size, "sat-out": 1})}),
+            reply_to=msg)
     received = from_array_record(msg.content["arrays"])
+    if work is not None:
+        if work.shrunk:  # its layers' LoRA fused from the stage's, as a stage's is
+            assert work.groups is not None
+            received = fuse_state(received, work.groups, plan.beta, plan.fusion, env.prefix)
+            plan = env.plan = work.plan(stage)
+        if work.quantization != cfg.model.quantization:
+            cfg = cfg.replace(**{"model.quantization": work.quantization})
     model, tok = _model(cfg, rule, plan, rule.lora_settings(env), msg, context, received, env)
     template, frozen = get_lora_state(model), plan.frozen  # frozen: an emulator's layers
     set_lora_state(model, fill_frozen(rule.begin(received, env, template), template, frozen,
                                       env.prefix))
     set_trainable(model, lambda k: rule.trainable(k) and not in_layers(k, frozen, env.prefix))
-    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
-    batches = _train_batches(cfg, env, tok)
+    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing if work is None
+                               else work.checkpointing)
+    batches = batches or _train_batches(cfg, env, tok)
     inner = model.base_model.model
 
     def default_update():
@@ -156,8 +196,10 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "peak-mem-bytes": result.peak_mem_bytes, "mem-delta-bytes": result.mem_delta_bytes,
     })
     upload = rule.end(drop_layers(get_lora_state(model), frozen, env.prefix), env)
-    return Message(RecordDict({"arrays": to_array_record(upload), "metrics": metrics}),
-                   reply_to=msg)
+    content = RecordDict({"arrays": to_array_record(upload), "metrics": metrics})
+    if work is not None:
+        content["budget"] = _budget_record(work, env, stage)
+    return Message(content, reply_to=msg)
 
 
 def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from devft.config import RunConfig
@@ -39,7 +40,7 @@ from devft.models.loading import BaseModel
 from devft.models.lora import get_lora_state, seeded_lora_init, set_lora_state
 from devft.models.submodel import StagePlan, stage_model
 from devft.rules import Rule
-from devft.training.evaluation import heldout_batches, heldout_loss
+from devft.training.evaluation import categorized_heldout_batches, heldout_loss, heldout_losses
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,14 @@ class GlobalModel:
                                 cfg.model.quantization)
         self.lora: StateDict = seeded_lora_init(self.full, cfg.seed)
         self.initial_lora: StateDict = {k: v.clone() for k, v in self.lora.items()}
+        self._base_similarity: np.ndarray | None = None
         self.stage_report: dict[str, Any] = {}
         """Adapter norms, fusion cross term, fresh and clamped groups of the last plan_stage."""
         tok, max_len = self.base.tokenizer, cfg.data.max_seq_len
-        self.eval_batches = heldout_batches(self.data.eval_records(), tok, cfg.data)
+        self.eval_batches, self.eval_categories = categorized_heldout_batches(
+            self.data.eval_records(), tok, cfg.data)
+        self.eval_by_category: dict[str, float] = {}
+        """The last `eval_full`'s mean loss per category of the evaluation rows."""
         calib = self.data.calibration_indices(cfg.devft.calibration_examples)
         self.calibration = collate(
             [encode(self.data.records[i], tok, max_len) for i in calib], tok.pad_token_id
@@ -79,6 +84,18 @@ class GlobalModel:
         return hidden_similarity(
             self.full, self.base.family, self.calibration, self.cfg.train.precision
         )
+
+    def base_similarity(self) -> np.ndarray:
+        """(L, L) layer similarity of the base model itself (the initial LoRA has B = 0);
+        computed once per process."""
+        if self._base_similarity is None:
+            current = self.lora
+            self.lora = self.initial_lora
+            try:
+                self._base_similarity = self.similarity().numpy()
+            finally:
+                self.lora = current
+        return self._base_similarity
 
     def group_and_frozen(self, k: int) -> tuple[Groups, tuple[int, ...]]:
         """The k groups of a stage and its frozen (emulator) submodel layers."""
@@ -154,7 +171,9 @@ class GlobalModel:
     def eval_full(self) -> float:
         """Held-out loss of the full model with the current global LoRA."""
         set_lora_state(self.full, self.lora)
-        return heldout_loss(self.full, self.eval_batches, self.cfg.train.precision)
+        loss, self.eval_by_category = heldout_losses(
+            self.full, self.eval_batches, self.eval_categories, self.cfg.train.precision)
+        return loss
 
     def eval_submodel(self, plan: StagePlan, sub_lora: StateDict) -> float:
         """Held-out loss of the stage submodel itself with its aggregated LoRA."""

@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from devft.federation.budgets import SHARED_PROCESS_KEY
 from devft.federation.shipping import SHIPPED, record_bytes
 from devft.federation.wire import wire_bytes
 
@@ -46,7 +47,8 @@ class InProcessGrid(Grid):
             node_id: Context(
                 run_id=1,
                 node_id=node_id,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config={"partition-id": i, "num-partitions": num_nodes,
+                             SHARED_PROCESS_KEY: True},
                 state=RecordDict(),
                 run_config=dict(run_config or {}),
             )

@@ -17,8 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from devft.config import RunConfig, from_run_config
 from devft.config.compat import same_config
+from devft.core.grouping import Groups
+from devft.core.shrink import spectral_table
 from devft.core.stopping import stop_summary
 from devft.errors import DevFTError, RunStalledError
+from devft.federation.budgets import check_budgets_fit
 from devft.federation.checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -62,8 +65,11 @@ class ServerRun:
         self.model = GlobalModel(cfg, self.rule)
         self.schedule = self.model.schedule()
         personal = self._personal_tensors if self.rule.personalized else None
+        if cfg.federation.has_budgets:  # a budget that fits no submodel: refused here
+            check_budgets_fit(cfg, [s.num_layers for s in self.schedule])
         self.strategy = StagedStrategy(cfg, self.rule, self._aggregated, personal,
-                                       [len(p) for p in self.model.data.partitions])
+                                       [len(p) for p in self.model.data.partitions],
+                                       layer_prefix=self.model.prefix)
         self.recorder = RunRecorder(self.out, cfg.method, sum(s.rounds for s in self.schedule),
                                     cfg.output.progress, fresh=not cfg.output.resume)
         self.pacer = StagePacer(cfg, self.model.method, self.schedule)
@@ -84,6 +90,7 @@ class ServerRun:
                                                 self.plan.group_lists(), self.stage_report)
                     self.rule.start_stage(sub_lora, self.plan)
                 trainable = self.rule.trainable_count()
+                self.strategy.shrink_table = self._shrink_table()
                 while (todo := self.pacer.next_rounds(stage, offset, done,
                                                       self.recorder.records)) > 0:
                     self.strategy.begin_stage(self.plan, offset, done)
@@ -161,6 +168,16 @@ class ServerRun:
                  state["round"], state["stage"], state["stage_round"])
         return state["stage"], state["stage_round"], state["round"]
 
+    def _shrink_table(self) -> dict[int, Groups]:
+        """The spectral groups of every shallower depth of the stage, when clients may shrink
+        with the spectral recipe: clustered on the base model's layer similarity (no LoRA, so
+        a resumed run computes the same groups)."""
+        fed, plan = self.cfg.federation, self.plan
+        if not fed.shrinks or fed.shrink_recipe != "spectral" or plan is None:
+            return {}
+        return spectral_table(self.model.base_similarity(), plan.group_lists(),
+                              self.cfg.devft.laplacian, self.cfg.seed)
+
     def _aggregated(self) -> None:
         """After each aggregation: rule-specific server work, then transfer to the full model."""
         self.rule.after_aggregate(self.model)
@@ -191,6 +208,7 @@ class ServerRun:
             "eval_loss": (self.strategy.last_eval if personalized
                           else recorder.timed_eval(self.model.eval_full)),
             "eval_mode": "personalized" if personalized else "global",
+            "eval_loss_by_category": None if personalized else self.model.eval_by_category,
             "sub_eval_loss": None if full or self.rule.personalized else recorder.timed_eval(
                 self.model.eval_submodel, plan, self.rule.eval_lora()),
         }

@@ -19,9 +19,19 @@ from flwr.serverapp.strategy import FedAvg
 
 from devft.config import RunConfig
 from devft.core.aggregation import bounded_shares
+from devft.core.grouping import Groups
 from devft.core.layerstate import StateDict
+from devft.core.shrink import table_to_wire
 from devft.core.validation import check_update
 from devft.errors import RunStalledError
+from devft.federation.depths import (
+    aggregate_depths,
+    budget_metrics,
+    expected_shrunk,
+    reply_budget,
+    reply_groups,
+    sat_out,
+)
 from devft.federation.shipping import SHIPPED, LayerShipper
 from devft.federation.wire import from_array_record, plan_to_config, to_array_record
 from devft.models.submodel import StagePlan
@@ -45,7 +55,7 @@ class StagedStrategy(FedAvg):
 
     def __init__(self, cfg: RunConfig, rule: Rule, on_aggregated: Callable[[], None],
                  personal_eval: Callable[[], StateDict] | None = None,
-                 partition_sizes: list[int] | None = None) -> None:
+                 partition_sizes: list[int] | None = None, layer_prefix: str = "") -> None:
         n = cfg.federation.num_clients
         per_round = cfg.federation.clients_per_round or n
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if personal_eval else 0.0,
@@ -62,6 +72,9 @@ class StagedStrategy(FedAvg):
         self.skipped = 0
         """Consecutive rounds without federation.min_replies valid replies."""
         self.max_examples = max(partition_sizes) if partition_sizes else None
+        self.prefix = layer_prefix
+        self.shrink_table: dict[int, Groups] = {}
+        """Spectral groups of every shallower depth of the stage (budgets, recipe spectral)."""
 
     def begin_stage(self, plan: StagePlan, round_offset: int, stage_done: int = 0) -> None:
         """Rounds of this `start` continue the global count after `round_offset`, and the
@@ -94,11 +107,15 @@ class StagedStrategy(FedAvg):
         chosen = sorted(nodes[int(i)] for i in picks)
         messages = []
         self.sent = len(chosen)
+        shrink: dict[str, list[int]] = {}
+        if self.shrink_table:
+            flat, sizes = table_to_wire(self.shrink_table)
+            shrink = {"shrink-groups": flat, "shrink-sizes": sizes}
         for node in chosen:
             tensors, extra = self.rule.message(self.slots[int(node)])
             record = RecordDict({
                 "arrays": to_array_record(tensors),
-                "config": ConfigRecord({**plan_to_config(self.plan), **extra,
+                "config": ConfigRecord({**plan_to_config(self.plan), **extra, **shrink,
                                         "server-round": server_round, "global-round": round_}),
             })
             dense = self.shipper.payload(int(node)) if self.shipper is not None else None
@@ -118,7 +135,11 @@ class StagedStrategy(FedAvg):
         round_ = self.global_round(server_round)
         replies = list(replies)
         valid, rejected, failed, errors = [], [], 0, []
-        for msg in replies:
+        budgets, sat = [reply_budget(m) for m in replies], 0
+        for msg, budget in zip(replies, budgets):
+            if sat_out(budget):
+                sat += 1
+                continue
             if msg.has_error():
                 failed += 1
                 errors.append(msg.error.reason)
@@ -139,6 +160,8 @@ class StagedStrategy(FedAvg):
             log.warning("round %d: %d client(s) sent no reply in time", round_, missing)
         self.last_train = {"clients_ok": len(valid), "clients_failed": failed + missing,
                            "clients_rejected": len(rejected), "rejections": rejected}
+        if any(b is not None for b in budgets):
+            self.last_train.update(budget_metrics([b for b in budgets if b is not None], sat))
         if len(valid) < self.cfg.federation.min_replies:
             log.warning("round %d: %d valid replies, fewer than federation.min_replies=%d; "
                         "the global adapter is unchanged", round_, len(valid),
@@ -151,7 +174,13 @@ class StagedStrategy(FedAvg):
         nodes = [self.slots[m.metadata.src_node_id] for m in valid]
         shares = bounded_shares([float(m["num-examples"]) for m in metrics],
                                 self.cfg.federation.max_client_share)
-        self.rule.aggregate(uploads, nodes, shares)
+        depths = [reply_groups(reply_budget(m), self.plan.num_layers) for m in valid]
+        if any(g is not None for g in depths):  # shrunken replies: layer by layer
+            self.rule.global_lora = aggregate_depths(uploads, depths, shares,
+                                                     self.rule.global_lora, self.prefix,
+                                                     self.plan.num_layers)
+        else:
+            self.rule.aggregate(uploads, nodes, shares)
         self.on_aggregated()
         self.last_train.update(_client_summary(metrics))
         self.last_train["client_shares"] = [round(p, 6) for p in shares]
@@ -193,8 +222,16 @@ class StagedStrategy(FedAvg):
             update = from_array_record(arrays)
         except Exception as err:  # a malformed array must not stop the round
             return f"unreadable arrays ({type(err).__name__}: {err})"
-        return check_update(update, self.rule.expected_upload(node),
-                            self.cfg.federation.max_update_norm)
+        expected = self.rule.expected_upload(node)
+        try:
+            groups = reply_groups(reply_budget(msg), self.plan.num_layers)  # type: ignore[union-attr]
+        except (ValueError, KeyError, TypeError) as err:
+            return str(err)
+        if groups is not None:
+            if not self.cfg.federation.shrinks:
+                return "a shrunken reply in a run whose clients may not shrink"
+            expected = expected_shrunk(expected, len(groups), self.prefix)
+        return check_update(update, expected, self.cfg.federation.max_update_norm)
 
     # ---- personalized evaluation (rules whose model includes client-private tensors) ------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -1,16 +1,28 @@
-"""Plots: one run's losses by round, and several methods against round, bytes and wall time."""
+"""Plots: one run's losses by round, and several methods against round, bytes and wall time.
+
+matplotlib (the [server] extra) is imported on the first plot, so importing this module works
+on a core-only install, where plotting is refused with one line naming the extra."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from devft.extras import require_extra
+from devft.files import atomic_path
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from devft.files import atomic_path  # noqa: E402
+@functools.cache
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    require_extra("server", "plotting (loss.png, comparison.png)", modules=("matplotlib",))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig, path: Path) -> None:
@@ -52,6 +64,7 @@ def plot_run(records: list[dict[str, Any]], path: Path) -> None:
     clients actually train (the stage submodel): its held-out loss and the clients' train loss.
     Right (when recorded): mean per-layer ‖A‖_F relative to a fresh init, and mean ‖B‖_F.
     """
+    plt = _pyplot()
     norms = any("A_rel_fresh" in r.get("adapter_norms", {}).get("full", {}) for r in records)
     fig, axes = plt.subplots(1, 3 if norms else 2, figsize=(17 if norms else 12, 4.2))
     full_ax, sub_ax = axes[0], axes[1]
@@ -114,6 +127,7 @@ def plot_comparison(
     runs: dict[str, list[dict[str, Any]]], path: Path, target: float | None = None
 ) -> None:
     """Held-out loss of each method against round, cumulative bytes and wall time."""
+    plt = _pyplot()
     many = len(runs) > 10  # beyond one colour cycle: tab20 plus a line style per cycle
     fig, axes = plt.subplots(1, 3, figsize=(18 if many else 15, 4.8 if many else 4.2),
                              sharey=True)

@@ -16,10 +16,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from devft.files import append_line, atomic_write_json, atomic_write_text, read_jsonl
+from devft.files import (
+    append_line,
+    atomic_write_json,
+    atomic_write_text,
+    file_digests,
+    read_jsonl,
+)
 from devft.reporting.host import UNRECORDED, host_fingerprint, with_host
 
-METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
+METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR = "metrics.jsonl", "summary.json", "adapter"
 
 
 class RunRecorder:
@@ -94,6 +100,8 @@ class RunRecorder:
         return record
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json (after the adapter: it records the SHA-256 of each of its files,
+        which `devft fetch` checks a copy against)."""
         self.bar.close()
         last = self.records[-1]
         summary = {
@@ -111,6 +119,8 @@ class RunRecorder:
             "hosts": self.hosts,
             **extra,
         }
+        if (self.out_dir / ADAPTER_DIR).is_dir():
+            summary["adapter_sha256"] = file_digests(self.out_dir / ADAPTER_DIR)
         atomic_write_json(self.out_dir / SUMMARY_FILE, _finite(summary))
         return summary
 

@@ -12,10 +12,19 @@ from torch import nn
 
 
 def matmul_params(module: nn.Module) -> int:
-    """Elements of the 2-D weight matrices under `module` (LoRA factors excluded)."""
-    return sum(
-        p.numel() for name, p in module.named_parameters() if p.dim() == 2 and "lora_" not in name
-    )
+    """Elements of the 2-D weight matrices under `module` (LoRA factors excluded), counted at
+    their logical shape: an nf4 weight packs two elements a byte, but its matmul costs what
+    the dense one does."""
+    return sum(_logical_numel(p) for name, p in module.named_parameters()
+               if p.dim() == 2 and "lora_" not in name)
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    """Elements of the weight a parameter stands for (bitsandbytes' 4-bit: its quant state's
+    shape, not the packed storage's)."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
 
 
 def lora_params(module: nn.Module, trainable: bool | None = None) -> int:
@@ -65,6 +74,20 @@ def rss_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (VmHWM on Linux; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PeakMemory:

@@ -32,6 +32,20 @@ def response_loss(
     Args:
         batch: input_ids, attention_mask, labels, each (B, T); labels = -100 off-response.
     """
+    got = response_logits(model, batch, precision)
+    if got is None:
+        device = next(model.parameters()).device
+        return torch.zeros((), device=device, requires_grad=model.training), 0
+    logits, targets = got
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss_sum, int(targets.numel())
+
+
+def response_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logits (N, V), targets (N,)) at the N positions whose next token is a response
+    token, in row-major order (row by row, position by position); None when N = 0."""
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
@@ -39,7 +53,7 @@ def response_loss(
     keep[:, :-1] = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][keep[:, :-1]]  # (N,)
     if targets.numel() == 0:
-        return torch.zeros((), device=device, requires_grad=model.training), 0
+        return None
     with autocast(device, precision):
         out = model(
             input_ids=input_ids,
@@ -47,9 +61,7 @@ def response_loss(
             logits_to_keep=keep,
             use_cache=False,
         )
-    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (N, V)
-    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return loss_sum, int(targets.numel())
+    return out.logits.reshape(-1, out.logits.shape[-1]), targets  # (N, V), (N,)
 
 
 def full_logits_response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
