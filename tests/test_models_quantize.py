@@ -254,15 +254,15 @@ def test_the_paper_configs_train_on_an_nf4_base_as_the_paper_does():
 
 def test_nf4_on_cpu_refuses_input_sizes_its_kernel_dequantizes_wrongly(tiny_model_dir):
     """bitsandbytes 0.50.2's CPU dequantize is wrong for 2-D weights whose input size is not a
-    multiple of 64 (hidden 16 here): refused, naming the size, rather than computing garbage."""
+    multiple of 64 (hidden 16 here) on some hosts (seen on AVX-512 ones; on AVX2 hosts its
+    kernel agrees): refused on every host, naming the size, rather than computing garbage
+    where the kernel is wrong."""
     import bitsandbytes.functional as F
 
     w = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
     q, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64)
     flat_q, flat_state = F.quantize_4bit(w.flatten(), quant_type="nf4", blocksize=64)
-    assert torch.equal(q, flat_q)  # the same bytes, dequantized differently by shape
-    assert not torch.equal(F.dequantize_4bit(q, state),
-                           F.dequantize_4bit(flat_q, flat_state).view(32, 16))
+    assert torch.equal(q, flat_q)  # the same bytes, dequantized by shape: the host decides
     with pytest.raises(ModelError, match="multiple of 64 .*has 16"):
         _build(tiny_model_dir, "nf4", [[0, 1], [2, 3]])
     _build(tiny_model_dir, "int8", [[0, 1], [2, 3]])
