@@ -7,8 +7,9 @@ finished run's adapter is gone before its MC accuracy is scored. Per run under -
 - a cut run (no summary.json): its latest checkpoint (`checkpoints/latest.json` and the round
   directory it names; older rounds leave the index), so the next checkout resumes it;
 - a finished run: its checkpoints leave the index (with --keep-checkpoints its latest
-  stays, so a larger budget extends it); its adapter weights are kept while it has
-  no mc_eval.json and leave the index once it has one.
+  stays, so a larger budget extends it, and its adapter weights are not kept as well: the
+  checkpoint holds the same LoRA); otherwise its adapter weights are kept while it has no
+  mc_eval.json and leave the index once it has one.
 
 With --only, just the named runs (paths under --out, e.g. `m/seed-2/devft`): a lane keeps
 its own runs, never another lane's live one, whose checkpoint a later commit would sweep in.
@@ -72,9 +73,9 @@ def plan_run(run: Path, keep_checkpoints: bool = False) -> Plan:
     weights = run / "adapter" / SAFE_WEIGHTS
     if (run / "summary.json").is_file():
         plan.drop.append(run / CHECKPOINTS)
-        if keep_checkpoints:
-            plan.force.extend(latest_checkpoint(run))
-        if (run / "mc_eval.json").is_file():
+        checkpoint = latest_checkpoint(run) if keep_checkpoints else []
+        plan.force.extend(checkpoint)
+        if (run / "mc_eval.json").is_file() or checkpoint:  # scored, or its LoRA is kept
             plan.drop.append(weights)
         elif weights.is_file():
             plan.force.append(weights)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> list[Plan]:
                     help="keep just these runs (paths under --out); default every run")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, stage nothing")
     ap.add_argument("--keep-checkpoints", action="store_true",
-                    help="finished runs keep their latest checkpoint (to be extended later)")
+                    help="finished runs keep their latest checkpoint (to be extended later) "
+                         "instead of their adapter weights")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if not out.is_dir():

@@ -155,3 +155,15 @@ def test_a_run_set_aside_in_a_replaced_folder_is_not_a_run_of_the_study(tmp_path
         (tmp_path / run / "config.json").write_text("{}")
     assert run_dirs(tmp_path) == [tmp_path / "a/fedit"]
     assert run_dirs(tmp_path / "replaced-x") == [tmp_path / "replaced-x/devft"]
+
+
+def test_keep_checkpoints_keeps_a_finished_runs_checkpoint_not_its_adapter_too(study):
+    """--keep-checkpoints (the equal-budget study): a finished run keeps its latest
+    checkpoint, to be extended later, which holds its LoRA: its adapter weights stay out."""
+    repo, seed = study
+    main(["--out", str(repo / "results" / "equal-cost"), "--keep-checkpoints"])
+    tracked = _tracked(repo, seed)
+    assert {"progfed/checkpoints/latest.json",
+            "progfed/checkpoints/round-00009/t000.safetensors"} <= tracked
+    assert "progfed/adapter/adapter_model.safetensors" not in tracked
+    assert "devft/checkpoints/round-00003/t000.safetensors" in tracked  # cut: as before
