@@ -60,6 +60,7 @@ from devft.models.lora import target_modules
 from devft.models.memory_probes import ActivationFit, probe_activations, response_tokens
 from devft.models.quantize import NF4_BLOCK, is_quantizable, require_bitsandbytes
 from devft.models.stage_builder import BaseLayout, meta_model
+from devft.training.accounting import rss_bytes
 
 MIB = 2**20
 NOMINAL_FLOOR_BYTES = 638_382_080
@@ -84,15 +85,8 @@ _FLOOR: list[int] = []
 
 
 def process_rss_bytes() -> int:
-    """VmRSS of this process now (from /proc/self/status); 0 where it cannot be read."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return 0
-    return 0
+    """Resident memory of this process now (`devft.training.accounting.rss_bytes`)."""
+    return rss_bytes()
 
 
 def client_floor_bytes() -> int:
