@@ -4,7 +4,8 @@ TLS and the SuperNode keys come from deploy/pki.py (the deploy example's script)
 SuperNode authentication is on, so only SuperNodes whose public keys were registered with
 `flwr supernode register` may join. Each SuperNode picks its data partition from
 `--node-config "partition-id=I num-partitions=2"`; the second also names its own data shard
-(`data-shard=...`, cut by `devft shard`), so it never loads the whole data set. Runs are
+(`data-shard=...`, cut by `devft shard`), so it never loads the whole data set, and states
+its memory budget (`memory-mb=...`), which the main run reads (`client_memory_mb=node`). Runs are
 submitted as `flwr run <repo> <connection> --run-config ...`: the repository's own app
 bundle and declared keys. The tests cover: a bad config value reported to the submitter,
 per-round progress in the ServerApp's log, a run resumed after a SuperLink restart ending
@@ -36,6 +37,7 @@ from flwr.cli.build import build_fab_from_disk
 from safetensors.torch import load_file
 
 from devft.config import DataConfig, ModelConfig, load_config
+from devft.config.budgets import NODE_BUDGET_KEY
 from devft.config.flower import REGENERATE, undeclared_keys
 from devft.data import SHARD_NODE_KEY, write_client_shards
 from devft.evaluation.adapters import _adapter_base
@@ -48,6 +50,7 @@ from devft.reporting.recorder import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 NODES = 2
 EVAL_EXAMPLES, MAX_SEQ_LEN = 4, 64  # the run's data settings: node 1's shard is cut with them
+NODE_1_BUDGET_MB = 4000  # node 1's `memory-mb`, read where a run sets client_memory_mb=node
 RUN_TIMEOUT_S = 300  # typically ~60-100 s on a 2-core CPU; generous for loaded CI machines
 FAB_BOUND = 1_000_000  # bytes; Flower refuses bundles over 10 MB
 
@@ -129,7 +132,7 @@ def cluster(tmp_path_factory, tiny_data_file, tiny_model_dir):
     shard = write_client_shards(data, NODES, 0, root / "shards", client_tokenizer(model),
                                 tokenizer_digest(model))[1]
     configs = [f"partition-id={i} num-partitions={NODES}" for i in range(NODES)]
-    configs[1] += f" {SHARD_NODE_KEY}='{shard}'"
+    configs[1] += f" {SHARD_NODE_KEY}='{shard}' {NODE_BUDGET_KEY}={NODE_1_BUDGET_MB}"
     cluster = None
     try:
         cluster = _start(root, configs)
@@ -175,7 +178,8 @@ def _run_info(cluster: Cluster, run_id: str) -> dict[str, str]:
 def finished(cluster, tiny_model_dir, tiny_data_file, tmp_path_factory):
     """An uninterrupted 2-round DevFT run: (its overrides, out dir, the submitter's stream)."""
     root = tmp_path_factory.mktemp("finished")
-    overrides = _overrides(root, tiny_model_dir, tiny_data_file, root / "out")
+    overrides = _overrides(root, tiny_model_dir, tiny_data_file, root / "out",
+                           **{"federation.client_memory_mb": "node"})
     run_id, stream = _submit(cluster, overrides)
     info = _run_info(cluster, run_id)
     assert info["status"] == "finished:completed", stream + _service_logs(cluster)
@@ -228,6 +232,13 @@ def test_devft_runs_two_stages_through_flwr_run(cluster, finished, tmp_path):
     assert all(r["clients_ok"] == NODES and r["clients_failed"] == 0 for r in records[1:])
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items())
+    # each SuperNode read its own budget from its node config (node 0 states none) and
+    # planned within it in its own ClientApp process: the whole stage fits, no lever used
+    for r, depth in zip(records[1:], (2, 4)):
+        assert r["client_budget_mb"] == [0, NODE_1_BUDGET_MB], r
+        assert r["client_depth"] == [depth, depth] and r["client_levers"] == ["", ""], r
+        assert 0 < r["client_predicted_peak_mb"][1] <= NODE_1_BUDGET_MB, r
+        assert 0 < r["client_process_peak_mb"][1] <= NODE_1_BUDGET_MB, r
     # the submitter collects them (`devft fetch`; here output.dir is a local path): the
     # adapter the ServerApp wrote is the one its summary.json recorded
     fetched = fetch_run(str(out), tmp_path / "fetched")

@@ -132,6 +132,17 @@ def test_a_budget_that_fits_no_submodel_is_refused_before_training(wide_dir, tin
 
 
 # ---- runs ----------------------------------------------------------------------------------
+def _failing(app, partitions):
+    """`app`, except that the clients of `partitions` fail every message (out of memory)."""
+
+    def failing(msg: Message, context: Context) -> Message:
+        if int(context.node_config["partition-id"]) in partitions:
+            raise RuntimeError("out of memory")
+        return app(msg, context)
+
+    return failing
+
+
 def test_exclude_is_fedit_without_the_small_clients(wide_dir, tiny_data_file, tmp_path):
     """`exclude`: clients 1 and 3 (1 MiB) sit out every round; the adapter is bit for bit
     that of a FedIT run whose clients 1 and 3 fail every round."""
@@ -140,14 +151,7 @@ def test_exclude_is_fedit_without_the_small_clients(wide_dir, tiny_data_file, tm
                 "federation.client_memory_mb=0,1,0,1", "federation.budget_policy=exclude")
     records = _run(excl, make_client_app(excl))
     fedit = _cfg(wide_dir, tiny_data_file, tmp_path / "fedit", "fedit")
-    app = make_client_app(fedit)
-
-    def failing(msg: Message, context: Context) -> Message:
-        if int(context.node_config["partition-id"]) in small:
-            raise RuntimeError("out of memory")
-        return app(msg, context)
-
-    failed = _run(fedit, failing)
+    failed = _run(fedit, _failing(make_client_app(fedit), small))
     for r, f in zip(records[1:], failed[1:]):
         assert r["clients_sat_out"] == 2 and r["clients_failed"] == 0
         assert f["clients_failed"] == 2
@@ -157,6 +161,21 @@ def test_exclude_is_fedit_without_the_small_clients(wide_dir, tiny_data_file, tm
     theirs = load_file(tmp_path / "fedit" / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_clients_that_cannot_hold_the_model_sit_out_personalized_evaluation(
+        wide_dir, tiny_data_file, tmp_path):
+    """FedSA evaluates on the clients, on the full model: under `exclude`, clients 1 and 3
+    (1 MiB) sit out its evaluation as well as its training, and the round's loss is the
+    mean over clients 0 and 2, as in a FedSA run whose clients 1 and 3 fail both."""
+    excl = _cfg(wide_dir, tiny_data_file, tmp_path / "exclude", "fedsa",
+                "federation.client_memory_mb=0,1,0,1", "federation.budget_policy=exclude")
+    records = _run(excl, make_client_app(excl))
+    fedsa = _cfg(wide_dir, tiny_data_file, tmp_path / "fedsa", "fedsa")
+    failed = _run(fedsa, _failing(make_client_app(fedsa), (1, 3)))
+    for r, f in zip(records[1:], failed[1:]):
+        assert r["eval_mode"] == "personalized" and r["clients_sat_out"] == 2
+        assert math.isfinite(r["eval_loss"]) and r["eval_loss"] == f["eval_loss"]
 
 
 @pytest.mark.parametrize("recipe", ["spectral", "layerdrop", "prefix", "random"])

@@ -6,6 +6,7 @@ Tiny random models with hidden size 64 (one NF4 block per row), llama (nn.Linear
 """
 
 import importlib.util
+import logging
 import weakref
 
 import pytest
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from devft.config import ModelConfig, load_config
 from devft.errors import ConfigError, ModelError
+from devft.library_logs import quiet_bitsandbytes
 from devft.models import quantize
 from devft.models.client_stage import HOLDER, client_stage_model
 from devft.models.families import get_attr
@@ -266,3 +268,14 @@ def test_nf4_on_cpu_refuses_input_sizes_its_kernel_dequantizes_wrongly(tiny_mode
     with pytest.raises(ModelError, match="multiple of 64 .*has 16"):
         _build(tiny_model_dir, "nf4", [[0, 1], [2, 3]])
     _build(tiny_model_dir, "int8", [[0, 1], [2, 3]])
+
+
+def test_bitsandbytes_noise_lines_are_filtered_and_its_other_lines_kept(caplog):
+    quiet_bitsandbytes()
+    for name, noise in (("bitsandbytes.backends.cpu.ops", "install kernels-community for it"),
+                        ("bitsandbytes.autograd._functions", "inputs will be cast from fp32")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=name):
+            logging.getLogger(name).warning(noise)
+            logging.getLogger(name).warning("a real problem")
+        assert [r.getMessage() for r in caplog.records] == ["a real problem"]

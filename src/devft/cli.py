@@ -13,10 +13,9 @@ from pathlib import Path
 
 from devft.errors import ConfigError, DevFTError
 from devft.extras import require_extra
+from devft.library_logs import quiet_bitsandbytes
 
-# bitsandbytes (imported by peft whenever it is installed) warns on every AVX512-BF16 CPU that
-# an optional kernel package is missing; its own CPU path serves, so the line is noise.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+quiet_bitsandbytes()  # before any command imports peft, which imports bitsandbytes
 
 
 class _TqdmHandler(logging.Handler):

@@ -76,10 +76,40 @@ def _compare(cfg: RunConfig, methods: list[str], out_dir: Path) -> dict[str, Any
 
 def run_or_reuse(run_cfg: RunConfig) -> dict[str, Any]:
     """The summary of a finished run of exactly this config in its output dir, if there is
-    one; else the run, resumed from its last checkpoint when it was interrupted. Holds the
-    run directory's lock, so a live run there is never read half-written."""
-    with output_lock(run_cfg.output.dir, f"devft compare: {run_cfg.method}"):
-        return _finished(run_cfg) or run_method(_maybe_resume(_set_aside_other(run_cfg)))
+    one; else the run: resumed from its last checkpoint when it was interrupted, or extended
+    when it finished under another stop rule, or started afresh (a run of another config is
+    first moved aside). Holds the run directory's lock, so a live run there is never read
+    half-written."""
+    out = Path(run_cfg.output.dir)
+    with output_lock(out, f"devft compare: {run_cfg.method}"):
+        saved = _saved_config(run_cfg)
+        finished, checkpoint = (out / SUMMARY_FILE).is_file(), _has_checkpoint(out)
+        if saved == SAME and finished:
+            log.info("%s: reusing the finished run in %s", run_cfg.method, out)
+            return read_json_object(out / SUMMARY_FILE, ("rounds", "final_eval_loss"))
+        if saved == OTHER_STOP and checkpoint and finished:
+            _set_aside_summary(run_cfg)
+        elif (saved == OTHER_STOP and not checkpoint) or saved == OTHER:
+            _set_aside_run(run_cfg)
+        if checkpoint and saved in (SAME, OTHER_STOP):
+            log.info("%s: resuming the run in %s", run_cfg.method, out)
+            run_cfg = run_cfg.replace(**{"output.resume": True})
+        return run_method(run_cfg)
+
+
+NONE, SAME, OTHER_STOP, OTHER = "none", "same", "other stop rule", "other config"
+"""What a run directory's config.json is to a run's config: absent, the same (up to
+`output`), the same but for its stop rule, or another config."""
+
+
+def _saved_config(run_cfg: RunConfig) -> str:
+    path = Path(run_cfg.output.dir) / "config.json"
+    if not path.is_file():
+        return NONE
+    saved, wanted = read_json_object(path), run_cfg.to_dict()
+    if same_config(saved, wanted, ("output",)):
+        return SAME
+    return OTHER_STOP if same_config(saved, wanted, ("output", "stop")) else OTHER
 
 
 EXTENDED = "extended-"
@@ -87,14 +117,11 @@ EXTENDED = "extended-"
 extended under another stop rule (its rounds stay; they are the extended run's first)."""
 
 
-def _extend_finished(run_cfg: RunConfig) -> None:
-    """A finished run here that differs from run_cfg only in its stop rule, and kept its last
+def _set_aside_summary(run_cfg: RunConfig) -> None:
+    """A finished run that differs from run_cfg only in its stop rule, and kept its last
     checkpoint, is extended (resumed under the new rule) instead of run again: its summary
     and MC scores, which no longer describe the run, move to DIR/extended-<time>/."""
     out = Path(run_cfg.output.dir)
-    if not (out / SUMMARY_FILE).is_file() or _same_config(run_cfg) or not _same_config(
-            run_cfg, ignore=("output", "stop")) or not _has_checkpoint(out):
-        return
     aside = out / f"{EXTENDED}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     aside.mkdir()
     shutil.copy2(out / "config.json", aside / "config.json")  # the new run rewrites it
@@ -110,15 +137,10 @@ REPLACED = "replaced-"
 in its directory (its records, adapter and scores kept, out of the new run's way)."""
 
 
-def _set_aside_other(run_cfg: RunConfig) -> RunConfig:
+def _set_aside_run(run_cfg: RunConfig) -> None:
     """Move a run of another config out of run_cfg's directory, into DIR/replaced-<time>/,
     so its summary, adapter and scores are neither read as the new run's nor lost."""
     out = Path(run_cfg.output.dir)
-    _extend_finished(run_cfg)
-    if not (out / "config.json").is_file() or _same_config(run_cfg):
-        return run_cfg
-    if _has_checkpoint(out) and _same_config(run_cfg, ignore=("output", "stop")):
-        return run_cfg  # an interrupted run under another stop rule: resumed, extended
     aside = out / f"{REPLACED}{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     aside.mkdir()
     for entry in out.iterdir():
@@ -126,26 +148,10 @@ def _set_aside_other(run_cfg: RunConfig) -> RunConfig:
             entry.rename(aside / entry.name)
     log.warning("%s: %s held a run of another config; moved it to %s", run_cfg.method, out,
                 aside)
-    return run_cfg
 
 
 def _has_checkpoint(out: Path) -> bool:
     return (out / CHECKPOINTS / "latest.json").is_file()
-
-
-def _same_config(run_cfg: RunConfig, ignore: tuple[str, ...] = ("output",)) -> bool:
-    """Whether the dir's config.json is this config (devft.config.compat.same_config)."""
-    path = Path(run_cfg.output.dir) / "config.json"
-    return path.is_file() and same_config(read_json_object(path), run_cfg.to_dict(), ignore)
-
-
-def _finished(run_cfg: RunConfig) -> dict[str, Any] | None:
-    """The summary of an already finished run of exactly this config, if any."""
-    summary = Path(run_cfg.output.dir) / SUMMARY_FILE
-    if summary.is_file() and _same_config(run_cfg):
-        log.info("%s: reusing the finished run in %s", run_cfg.method, run_cfg.output.dir)
-        return read_json_object(summary, ("rounds", "final_eval_loss"))
-    return None
 
 
 def saved_run(run_cfg: RunConfig) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -153,21 +159,12 @@ def saved_run(run_cfg: RunConfig) -> tuple[dict[str, Any] | None, list[dict[str,
     config saved in its output dir, without running or locking anything (a report may read
     a live run: a half-written last line is dropped); (None, []) when there is none."""
     out = Path(run_cfg.output.dir)
-    if not _same_config(run_cfg):
+    if _saved_config(run_cfg) != SAME:
         return None, []
     summary = out / SUMMARY_FILE
     records = read_metrics(out) if (out / METRICS_FILE).is_file() else []
     return (read_json_object(summary, ("rounds", "final_eval_loss"))
             if summary.is_file() else None), records
-
-
-def _maybe_resume(run_cfg: RunConfig) -> RunConfig:
-    """Resume an interrupted run of this config; otherwise start afresh."""
-    out = Path(run_cfg.output.dir)
-    if _has_checkpoint(out) and _same_config(run_cfg, ignore=("output", "stop")):
-        log.info("%s: resuming the run in %s", run_cfg.method, run_cfg.output.dir)
-        return run_cfg.replace(**{"output.resume": True})
-    return run_cfg
 
 
 def comparison_table(comparison: dict[str, Any]) -> Table:

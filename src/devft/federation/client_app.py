@@ -203,10 +203,24 @@ def client_train(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 
 def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Personalized evaluation: the full model with the server's tensors + this client's own."""
+    """Personalized evaluation: the full model with the server's tensors + this client's own.
+    Under a memory budget the client plans the full model as a training round (an upper
+    bound on a forward pass): with its levers' quantization, or it sits the evaluation out."""
     rule = make_rule(cfg)
     env, layout = _env(cfg, rule, StagePlan.full(0), msg, context)
     env.plan = StagePlan.full(layout.depth)
+    if cfg.federation.has_budgets and not rule.private_base:
+        client_floor_bytes()
+        batches = _eval_batches(cfg, env, None)
+        work = plan_work(cfg, env.plan, env.partition, env.round, dict(context.node_config),
+                         None, round_shape(batches, cfg.data.max_seq_len))
+        if work.sat_out:
+            return Message(RecordDict({
+                "metrics": MetricRecord({"num-examples": len(env.data.eval_rows)}),
+                "budget": _budget_record(work, env, env.plan)}), reply_to=msg)
+        cfg = cfg.replace(**{"model.quantization": work.quantization})
+    else:
+        batches = None
     if rule.private_base:
         base = rule.base_model()
         model, tok = stage_model(base, env.plan, cfg.lora), base.tokenizer
@@ -215,7 +229,7 @@ def client_evaluate(msg: Message, context: Context, cfg: RunConfig) -> Message:
     lora = rule.personal_lora(from_array_record(msg.content["arrays"]), env,
                               get_lora_state(model))
     set_lora_state(model, lora)
-    loss = heldout_loss(model, _eval_batches(cfg, env, tok), cfg.train.precision)
+    loss = heldout_loss(model, batches or _eval_batches(cfg, env, tok), cfg.train.precision)
     metrics = MetricRecord({"eval-loss": loss, "num-examples": len(env.data.eval_rows)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -11,6 +11,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -135,6 +136,7 @@ class StagedStrategy(FedAvg):
         round_ = self.global_round(server_round)
         replies = list(replies)
         valid, rejected, failed, errors = [], [], 0, []
+        depths: list[Groups | None] = []  # a valid reply's groups (None: the whole stage)
         budgets, sat = [reply_budget(m) for m in replies], 0
         for msg, budget in zip(replies, budgets):
             if sat_out(budget):
@@ -146,9 +148,10 @@ class StagedStrategy(FedAvg):
                 log.warning("round %d: client node %s failed: %s", round_,
                             msg.metadata.src_node_id, msg.error.reason)
                 continue
-            reason = self._check_reply(msg)
+            reason, groups = self._check_reply(msg, budget)
             if reason is None:
                 valid.append(msg)
+                depths.append(groups)
             else:
                 rejected.append(f"node {msg.metadata.src_node_id}: {reason}")
                 log.warning("round %d: rejected the reply of client node %s: %s", round_,
@@ -174,7 +177,6 @@ class StagedStrategy(FedAvg):
         nodes = [self.slots[m.metadata.src_node_id] for m in valid]
         shares = bounded_shares([float(m["num-examples"]) for m in metrics],
                                 self.cfg.federation.max_client_share)
-        depths = [reply_groups(reply_budget(m), self.plan.num_layers) for m in valid]
         if any(g is not None for g in depths):  # shrunken replies: layer by layer
             self.rule.global_lora = aggregate_depths(uploads, depths, shares,
                                                      self.rule.global_lora, self.prefix,
@@ -201,37 +203,39 @@ class StagedStrategy(FedAvg):
             f"fix the cause, then `devft run --resume {self.cfg.output.dir}` continues from "
             f"the checkpoint of round {round_ - 1}")
 
-    def _check_reply(self, msg: Message) -> str | None:
-        """Why a reply cannot be aggregated, or None."""
+    def _check_reply(self, msg: Message, budget: dict[str, Any] | None
+                     ) -> tuple[str | None, Groups | None]:
+        """Why a reply cannot be aggregated (None: it can), and a shrunken reply's groups over
+        the stage's layers (None: it covers the whole stage)."""
         node = self.slots.get(msg.metadata.src_node_id)
         if node is None:
-            return "reply from a node that was not sent this round"
+            return "reply from a node that was not sent this round", None
         arrays, metrics = msg.content.get("arrays"), msg.content.get("metrics")
         if not isinstance(arrays, ArrayRecord) or not isinstance(metrics, MetricRecord):
-            return "reply lacks its 'arrays' or 'metrics' record"
+            return "reply lacks its 'arrays' or 'metrics' record", None
         for key in _REPLY_METRICS:
             value = metrics.get(key)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                return f"metric {key!r} is missing or not a finite number"
+                return f"metric {key!r} is missing or not a finite number", None
         if metrics["num-examples"] <= 0:
-            return "num-examples must be positive"
+            return "num-examples must be positive", None
         if self.max_examples is not None and metrics["num-examples"] > self.max_examples:
             return (f"num-examples={metrics['num-examples']} exceeds the largest client "
-                    f"partition ({self.max_examples} training rows)")
+                    f"partition ({self.max_examples} training rows)"), None
         try:
             update = from_array_record(arrays)
         except Exception as err:  # a malformed array must not stop the round
-            return f"unreadable arrays ({type(err).__name__}: {err})"
+            return f"unreadable arrays ({type(err).__name__}: {err})", None
         expected = self.rule.expected_upload(node)
         try:
-            groups = reply_groups(reply_budget(msg), self.plan.num_layers)  # type: ignore[union-attr]
+            groups = reply_groups(budget, self.plan.num_layers)  # type: ignore[union-attr]
         except (ValueError, KeyError, TypeError) as err:
-            return str(err)
+            return str(err), None
         if groups is not None:
             if not self.cfg.federation.shrinks:
-                return "a shrunken reply in a run whose clients may not shrink"
+                return "a shrunken reply in a run whose clients may not shrink", None
             expected = expected_shrunk(expected, len(groups), self.prefix)
-        return check_update(update, expected, self.cfg.federation.max_update_norm)
+        return check_update(update, expected, self.cfg.federation.max_update_norm), groups
 
     # ---- personalized evaluation (rules whose model includes client-private tensors) ------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -248,7 +252,8 @@ class StagedStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
-        valid, _ = self._check_and_log_replies(replies, is_train=False)
+        held = [m for m in replies if not sat_out(reply_budget(m))]  # budget: model too big
+        valid, _ = self._check_and_log_replies(held, is_train=False)
         if not valid:
             return None
         losses = [float(m.content["metrics"]["eval-loss"]) for m in valid]

@@ -14,7 +14,6 @@ plus its statistics under `<name>.<key>`, bitsandbytes' own state-dict keys.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from devft.config.sections import QUANTIZATIONS
 from devft.errors import ConfigError, ModelError
+from devft.library_logs import quiet_bitsandbytes
 
 NF4_MARK = "quant_state.bitsandbytes__nf4"
 """The statistics key that marks a packed NF4 weight (bitsandbytes' state-dict name)."""
@@ -33,18 +33,9 @@ NF4_BLOCK = 64
 """Weights per NF4 absmax block (bitsandbytes' default)."""
 
 
-_QUIET = {  # bitsandbytes' logs that say nothing about devft's use of it
-    # the repacked CPU path, unused here; logged at import, so hidden only when devft imports
-    # bitsandbytes before peft does
-    "bitsandbytes.backends.cpu.ops": "kernels-community",
-    "bitsandbytes.autograd._functions": "will be cast from",  # int8's fp16 inputs, every call
-}
-
-
 @functools.lru_cache(maxsize=1)
 def _bnb() -> Any:
-    for name, text in _QUIET.items():
-        logging.getLogger(name).addFilter(lambda record, t=text: t not in record.getMessage())
+    quiet_bitsandbytes()
     import bitsandbytes
 
     return bitsandbytes
