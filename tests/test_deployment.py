@@ -35,6 +35,9 @@ from deployment.cluster import (
 from deployment.pki import make_node_keys, make_server_certs, make_signer, sign_app
 from flwr.cli.build import build_fab_from_disk
 from safetensors.torch import load_file
+from test_models_quantize import _config
+from tiny import byte_tokenizer
+from transformers import AutoModelForCausalLM
 
 from devft.config import DataConfig, ModelConfig, load_config
 from devft.config.budgets import NODE_BUDGET_KEY
@@ -305,6 +308,31 @@ def test_a_run_resumes_after_a_superlink_restart(cluster, finished, tmp_path):
     assert resumed.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-7, msg=key)
+
+
+@needs_flower_cli
+def test_an_nf4_run_through_flwr_run_matches_the_in_process_grid(cluster, tiny_data_file,
+                                                                 tmp_path):
+    """`model.quantization=nf4` on the Deployment Runtime: each SuperNode builds its DevFT
+    stages in nf4 (fused, then quantized, layer by layer), and the run ends where the same
+    config ends in process."""
+    model = tmp_path / "q-llama"  # hidden size 64: one NF4 block per row
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config("llama")).save_pretrained(model)
+    byte_tokenizer().save_pretrained(model)
+    overrides = _overrides(tmp_path, model, tiny_data_file, tmp_path / "out",
+                           **{"model.quantization": "nf4", "devft.stages": "2,6"})
+    run_id, stream = _submit(cluster, overrides)
+    assert _run_info(cluster, run_id)["status"] == "finished:completed", stream
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [s["num_layers"] for s in summary["stages"]] == [2, 6]
+    card = (tmp_path / "out" / "adapter" / "README.md").read_text()
+    assert "| quantization | `nf4`" in card, card
+    local = run_method(load_config(
+        overrides["config-file"],
+        [f"{k}={v}" for k, v in overrides.items() if k not in ("config-file", "output.dir")]
+        + [f"output.dir={tmp_path / 'local'}"]))
+    assert summary["final_eval_loss"] == pytest.approx(local["final_eval_loss"], rel=1e-5)
 
 
 @needs_flower_cli
