@@ -214,13 +214,14 @@ def seed_configs(args: argparse.Namespace, model: str, seed: int, out: Path,
                                "output.dir": str(run_dir / r)}) for r in runs}, small
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--models", default=MODEL,
                     help="comma-separated bundled names or model directories")
     ap.add_argument("--seeds", type=int_list, default="0")
-    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--runs", "--methods", dest="runs", default=",".join(RUNS),
+                    help="comma-separated run names (--methods: as study_lane.sh passes them)")
     ap.add_argument("--budget", type=float, default=0.0,
                     help="client FLOPs of every run (default: per model, BUDGETS)")
     ap.add_argument("--small", type=int, default=0,
@@ -232,7 +233,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: read every saved run under --out (live ones too) "
                          "into budget_study.json, budget_study.md and plots")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     setup_logging(verbose=False)
     runs, out = run_list(args.runs), Path(args.out)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

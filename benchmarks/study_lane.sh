@@ -13,7 +13,8 @@
 # Env: MODEL (default smollm2-135m-instruct), OUT (default results/equal-cost), MC,
 #      PY (default .venv/bin/python), RUNS (logs folder, default runs),
 #      STUDY (default benchmarks/equal_cost.py; benchmarks/equal_budget.py for issue 31's
-#      study, with MC=0 and KEEP_ARGS=--keep-checkpoints), NICE (default 0),
+#      study and benchmarks/budget_study.py for issue 34's, each with MC=0 and
+#      KEEP_ARGS=--keep-checkpoints), NICE (default 0),
 #      EXTRA (more arguments for the study command, e.g. "--set model.quantization=nf4").
 # Logs: $RUNS/logs/eq-NAME-sSEED-METHODS.log; progress: $RUNS/lanes/NAME.progress.
 set -uo pipefail

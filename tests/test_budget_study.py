@@ -147,6 +147,7 @@ def test_run_settings_and_bad_names():
         "random"
     assert "federation.client_memory_mb" not in budget_study.run_overrides("fedit-all", 900)
     assert budget_study.run_list("levers,exclude") == ["exclude", "levers"]
+    assert budget_study.parse_args(["--methods", "exclude,levers"]).runs == "exclude,levers"
     with pytest.raises(ConfigError, match="--runs"):
         budget_study.run_list("shrink-bogus")
     with pytest.raises(ConfigError, match="--budget"):
