@@ -5,8 +5,8 @@ and raises that threshold (up to 32 MiB) whenever such a block is freed. After t
 training step, activations therefore come from the heap; freed, they stay in the process,
 fragmented, and the next step's activations partly land beside them. Measured on a SmolLM2
 client at batch 4 x 192 (BENCHMARKS.md, "Client memory"), this added about a third to the
-peak RSS. Fixing the threshold at 128 KiB (glibc's initial value) returns every large tensor
-to the OS when it is freed.
+peak RSS. Fixing the threshold at 128 KiB (glibc's initial value) gives every large tensor its
+own mapping, returned to the OS when it is freed, unless a free heap chunk already fits it.
 """
 
 from __future__ import annotations
