@@ -21,12 +21,12 @@ from devft.models.memory_plan import (
     PeakParts,
     client_floor_bytes,
     planner_for,
-    process_rss_bytes,
     quantized_weight_bytes,
 )
 from devft.models.memory_probes import probe_batch, saved_tensor_peak
 from devft.models.quantize import quantize_weight, tensor_bytes_by_dtype
 from devft.models.stage_builder import base_layout, build_stage
+from devft.training.accounting import rss_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")
 
@@ -195,6 +195,6 @@ def test_client_floor_is_read_once(monkeypatch):
     first = client_floor_bytes()
     assert first > 0
     held = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert process_rss_bytes() > first
+    assert rss_bytes() > first
     assert client_floor_bytes() == first
     del held

@@ -84,17 +84,12 @@ loads it."""
 _FLOOR: list[int] = []
 
 
-def process_rss_bytes() -> int:
-    """Resident memory of this process now (`devft.training.accounting.rss_bytes`)."""
-    return rss_bytes()
-
-
 def client_floor_bytes() -> int:
     """The process floor: VmRSS at the first call in this process, then that same value (a
     process keeps its built stage between rounds, so a later reading would count it twice).
     Call it before the client builds anything, after it has loaded its data."""
     if not _FLOOR:
-        _FLOOR.append(process_rss_bytes())
+        _FLOOR.append(rss_bytes())
     return _FLOOR[0]
 
 
