@@ -16,7 +16,16 @@ differs; `configs_differ` checks the rest of their configs), so they are read ro
   training (round 0: the cost of quantizing the base alone);
 - a run still under way is read up to its last round, and labelled "running".
 
-    python benchmarks/quantized_quality.py            # reads both folders, writes --out
+Where a finished pair's gap comes from (`--cross-base`): each run's exported adapter is
+evaluated on both bases, on the rows the run evaluated on (`devft eval`'s held-out loss). At
+the nf4 run's last round R, its raw gap to fp32 splits into **from the base at inference**
+(the nf4 adapter on the nf4 base − the same adapter on the fp32 base) and **from training**
+(the nf4 adapter on the fp32 base − the fp32 run at round R). The fp32 adapter (its own last
+round) on the nf4 base says what an fp32-trained adapter loses on a 4-bit device. The losses
+are cached in quantized_cross_base.json with the adapter's SHA-256, so a later report
+without `--cross-base`, or from a clean checkout that keeps no weights, still shows them.
+
+    python benchmarks/quantized_quality.py --cross-base   # reads both folders, writes --out
     cp results/equal-budget-nf4/quantized_quality.* docs/bench/quantized-quality/
 """
 
@@ -24,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +48,14 @@ from equal_budget_report import losses_of, smooth  # noqa: E402
 
 from devft.config import RunConfig  # noqa: E402
 from devft.config.compat import NEUTRAL_NEW_KEYS  # noqa: E402
-from devft.files import read_json_object  # noqa: E402
+from devft.files import atomic_write_json, read_json_object  # noqa: E402
 from devft.reporting.recorder import METRICS_FILE, SUMMARY_FILE, read_metrics  # noqa: E402
 
 Record = dict[str, Any]
 TARGET_GAP = 0.05
 """Issue 33: the final held-out loss gap, nf4 − fp32, should be at most this (nats)."""
+CROSS_FILE = "quantized_cross_base.json"
+"""Adapter-on-base held-out losses, cached by adapter digest (`cross_base`)."""
 IGNORED = ("output", "stop")
 """Config sections a pair may differ in besides model.quantization (the nf4 runs' budget)."""
 
@@ -94,8 +107,10 @@ def pair_entry(fp32: list[Record], nf4: list[Record], budget: float) -> dict[str
 
 
 def read_pairs(fp32_dir: Path, nf4_dir: Path, model: str, seeds: list[int],
-               methods: list[str], budget: float) -> tuple[list[dict[str, Any]], dict]:
-    """Every (method, seed) whose nf4 and fp32 runs both have a trained round."""
+               methods: list[str], budget: float, cache: dict[str, Any] | None = None,
+               compute: bool = False) -> tuple[list[dict[str, Any]], dict]:
+    """Every (method, seed) whose nf4 and fp32 runs both have a trained round; with a `cache`,
+    each entry's `cross_base` split too."""
     entries, curves = [], {}
     for method in methods:
         for seed in seeds:
@@ -109,9 +124,75 @@ def read_pairs(fp32_dir: Path, nf4_dir: Path, model: str, seeds: list[int],
             entry = {"method": method, "seed": seed, **pair_entry(fp32, nf4, budget),
                      "status": "finished" if (runs[1] / SUMMARY_FILE).is_file() else "running",
                      "configs_differ_in": differ}
+            if cache is not None:
+                entry["cross_base"] = cross_base((runs[0], runs[1]), (fp32, nf4), cache, compute)
             entries.append(entry)
             curves[(method, seed)] = (within(fp32, budget), within(nf4, budget))
     return entries, curves
+
+
+def adapter_loss(adapter: Path, quantization: str) -> float:
+    """Held-out loss of a run's exported adapter on the base stored as `quantization`, on the
+    rows, encoding and batches the run evaluated on (as `devft eval` computes it)."""
+    from devft.evaluation.adapters import load_eval_model
+    from devft.evaluation.perplexity import heldout_perplexity, heldout_records
+
+    loaded = load_eval_model(adapter, None, "cpu", "fp32", quantization)
+    data, seed = loaded.run_config["data"], int(loaded.run_config["seed"])
+    records = heldout_records(data["name"], int(data["eval_examples"]),
+                              float(data["heldout_fraction"]), seed)
+    scored = heldout_perplexity(loaded.model, loaded.tokenizer, records,
+                                int(data["max_seq_len"]), int(data["eval_batch_size"]))
+    return float(scored["loss"])
+
+
+def _digest(adapter: Path) -> str:
+    return hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def cross_base(runs: tuple[Path, Path], records: tuple[list[Record], list[Record]],
+               cache: dict[str, Any], compute: bool,
+               loss: Callable[[Path, str], float] = adapter_loss) -> dict[str, Any] | None:
+    """The gap's split (module docstring) for one pair of runs (fp32, nf4) with their metric
+    records; None until the nf4 run has finished. `cache` maps 'role/model/seed/method:base'
+    to {digest, loss}: a loss is recomputed (only when `compute`) where the run's adapter is
+    missing from it or has changed, and read as cached where the adapter is not on disk
+    (a clean checkout keeps no weights)."""
+    if not (runs[1] / SUMMARY_FILE).is_file():
+        return None
+
+    def cell(role: int, base: str) -> dict[str, Any] | None:
+        run = runs[role]
+        where = "/".join((("fp32", "nf4")[role], run.parent.parent.name, run.parent.name, run.name))
+        key = f"{where}:{base}"
+        adapter, known = run / "adapter", cache.get(key)
+        if (adapter / "adapter_model.safetensors").is_file() and (run / SUMMARY_FILE).is_file():
+            digest = _digest(adapter)  # a finished run's adapter is its last round's
+            if (known is None or known["digest"] != digest) and compute:
+                known = cache[key] = {"digest": digest, "round": records[role][-1]["round"],
+                                      "loss": loss(adapter, base)}
+            elif known is not None and known["digest"] != digest:
+                known = None  # a stale loss of an adapter since replaced
+        return known
+
+    def value(known: dict[str, Any] | None) -> float | None:
+        return None if known is None else float(known["loss"])
+
+    last = records[1][-1]["round"]
+    fp32_then = next((r["eval_loss"] for r in records[0] if r["round"] == last), None)
+    on_nf4, on_fp32 = value(cell(1, "nf4")), value(cell(1, "none"))
+    fp32_on_fp32, fp32_on_nf4 = cell(0, "none"), cell(0, "nf4")
+    entry: dict[str, Any] = {
+        "round": last, "fp32_run_at_round": fp32_then,
+        "nf4_adapter_on_nf4": on_nf4, "nf4_adapter_on_fp32": on_fp32,
+        "fp32_adapter_round": (fp32_on_fp32 or fp32_on_nf4 or {}).get("round"),
+        "fp32_adapter_on_fp32": value(fp32_on_fp32), "fp32_adapter_on_nf4": value(fp32_on_nf4),
+    }
+    if on_nf4 is not None and on_fp32 is not None:
+        entry["gap_from_base"] = on_nf4 - on_fp32
+        if fp32_then is not None:
+            entry["gap_from_training"] = on_fp32 - fp32_then
+    return entry
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -123,13 +204,34 @@ def markdown(results: dict[str, Any]) -> str:
             f"{e['round0_fp32']:.3f} / {e['round0_nf4']:.3f} | {e['final_fp32']:.4f} / "
             f"{e['final_nf4']:.4f} | {e['final_gap']:+.4f} | {e['raw_gap']:+.4f} | "
             f"{e['best_fp32']:.4f} / {e['best_nf4']:.4f} |")
+    split = _cross_rows(results["pairs"])
     odd = [f"{e['method']} seed {e['seed']}: {', '.join(e['configs_differ_in'])}"
            for e in results["pairs"] if e["configs_differ_in"]]
     return (f"# nf4 against fp32 at {results['budget']:.3g} client FLOPs ({results['model']})"
             f"\n\nGap = nf4 − fp32 held-out loss; target ≤ {TARGET_GAP}.\n\n"
             + "\n".join(rows) + "\n"
             + ("\nConfigs differ beyond the base's precision: " + "; ".join(odd) + "\n"
-               if odd else ""))
+               if odd else "") + split)
+
+
+def _cross_rows(pairs: list[dict[str, Any]]) -> str:
+    """The Markdown section on where each finished pair's gap comes from ('' if none)."""
+    def num(value: float | None, sign: str = "") -> str:
+        return "–" if value is None else f"{value:{sign}.4f}"
+
+    rows = [f"| {e['method']} | {e['seed']} | {c['round']} | {num(c['fp32_run_at_round'])} | "
+            f"{num(c['nf4_adapter_on_nf4'])} | {num(c['nf4_adapter_on_fp32'])} | "
+            f"{num(c.get('gap_from_base'), '+')} | {num(c.get('gap_from_training'), '+')} | "
+            f"{c['fp32_adapter_round'] or '–'}: {num(c['fp32_adapter_on_fp32'])} / "
+            f"{num(c['fp32_adapter_on_nf4'])} |"
+            for e in pairs if (c := e.get("cross_base"))]
+    if not rows:
+        return ""
+    return ("\n## Where the gap comes from\n\nEach run's adapter on both bases, at the nf4 "
+            "run's last round R (raw held-out loss, not smoothed).\n\n| method | seed | R | "
+            "fp32 run at R | nf4 adapter on nf4 base | on fp32 base | from the base | "
+            "from training | fp32 adapter (round): on fp32 / on nf4 |\n" + "|---" * 9 + "|\n"
+            + "\n".join(rows) + "\n")
 
 
 def plot(curves: dict, budget: float, out: Path) -> Path | None:
@@ -173,12 +275,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", default="fedit,devft")
     ap.add_argument("--budget", type=float, default=9.3e13, help="client FLOPs (the nf4 runs')")
     ap.add_argument("--out", default=None, help="default: the --nf4 folder")
+    ap.add_argument("--cross-base", action="store_true",
+                    help="evaluate finished runs' adapters on both bases (about a minute each, "
+                         "cached); without it, only cached losses are shown")
     args = ap.parse_args(argv)
     out = Path(args.out or args.nf4)
     out.mkdir(parents=True, exist_ok=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cache_file = out / CROSS_FILE
+    cache = read_json_object(cache_file) if cache_file.is_file() else {}
     pairs, curves = read_pairs(Path(args.fp32), Path(args.nf4), args.model, args.seeds,
-                               methods, args.budget)
+                               methods, args.budget, cache, args.cross_base)
+    atomic_write_json(cache_file, cache)
     results: dict[str, Any] = {"model": args.model, "budget": args.budget,
                                "target_gap": TARGET_GAP, "pairs": pairs}
     (out / "quantized_quality.md").write_text(markdown(results))

@@ -75,3 +75,55 @@ def test_a_neutral_key_older_code_did_not_save_counts_as_its_default():
     assert qq.configs_differ(old, new) == []
     old["federation"]["num_clients"] = 9
     assert qq.configs_differ(old, new) == ["federation.num_clients"]
+
+
+def _adapter(run: Path, payload: bytes) -> None:
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(payload)
+
+
+def test_a_finished_pairs_gap_splits_into_base_and_training_and_losses_are_cached(tmp_path):
+    fp32_run, nf4_run = (tmp_path / base / "m" / "seed-0" / "fedit" for base in ("fp32", "nf4"))
+    _run(fp32_run, [5.0, 3.0, 2.0, 1.8, 1.6], "none")
+    _run(nf4_run, [5.8, 3.2, 2.1, 1.95], "nf4")
+    _adapter(fp32_run, b"fp32 adapter")
+    _adapter(nf4_run, b"nf4 adapter")
+    planted = {("nf4", "nf4"): 1.95, ("nf4", "none"): 1.85, ("fp32", "none"): 1.6,
+               ("fp32", "nf4"): 1.75}
+    calls = []
+
+    def loss(adapter: Path, base: str) -> float:
+        calls.append((adapter.parent.parents[2].name, base))
+        return planted[(adapter.parent.parents[2].name, base)]
+
+    runs = (fp32_run, nf4_run)
+    records = tuple(qq.read_metrics(r) for r in runs)
+    cache: dict[str, float] = {}
+    unread = qq.cross_base(runs, records, cache, compute=False, loss=loss)
+    assert unread["nf4_adapter_on_fp32"] is None and "gap_from_base" not in unread
+    assert calls == []
+    split = qq.cross_base(runs, records, cache, compute=True, loss=loss)
+    assert split["round"] == 3 and split["fp32_run_at_round"] == pytest.approx(1.8)
+    assert split["gap_from_base"] == pytest.approx(0.10)  # 1.95 - 1.85
+    assert split["gap_from_training"] == pytest.approx(0.05)  # 1.85 - 1.8
+    assert split["fp32_adapter_round"] == 4 and split["fp32_adapter_on_nf4"] == pytest.approx(1.75)
+    assert len(calls) == 4
+    again = qq.cross_base(runs, records, cache, compute=True, loss=loss)
+    assert again == split and len(calls) == 4  # every loss came from the cache
+    (fp32_run / "adapter" / "adapter_model.safetensors").write_bytes(b"retrained")
+    stale = qq.cross_base(runs, records, cache, compute=False, loss=loss)
+    assert stale["fp32_adapter_on_nf4"] is None and stale["nf4_adapter_on_nf4"] == 1.95
+    qq.cross_base(runs, records, cache, compute=True, loss=loss)
+    assert sorted(calls[4:]) == [("fp32", "nf4"), ("fp32", "none")]  # a new adapter is re-read
+    for run in runs:  # a clean checkout keeps no weights: the cached losses stand
+        (run / "adapter" / "adapter_model.safetensors").unlink()
+    kept = qq.cross_base(runs, records, json.loads(json.dumps(cache)), compute=True, loss=loss)
+    assert kept["gap_from_training"] == pytest.approx(0.05) and len(calls) == 6
+
+
+def test_an_unfinished_nf4_run_has_no_split(tmp_path):
+    runs = (tmp_path / "fp32", tmp_path / "nf4")
+    _run(runs[0], [5.0, 3.0], "none")
+    _run(runs[1], [5.8, 3.2], "nf4", finished=False)
+    records = tuple(qq.read_metrics(r) for r in runs)
+    assert qq.cross_base(runs, records, {}, compute=True, loss=lambda *_: 0.0) is None
