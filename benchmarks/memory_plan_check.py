@@ -131,9 +131,9 @@ def fit_overhead(paths: dict[str, str], rows: list[dict]) -> dict[str, Any]:
             "rows": len(rows)}
 
 
-def measure(out: Path, threads: int) -> dict[str, Any]:
-    """A DevFT run on SmolLM2 whose every train message is replayed in fresh processes at
-    each of VARIANTS, each process predicting its own peak (module docstring)."""
+def measure(out: Path, threads: int, model: str = SMOLLM2) -> dict[str, Any]:
+    """A DevFT run on `model` (a bundled name) whose every train message is replayed in fresh
+    processes at each of VARIANTS, each process predicting its own peak (module docstring)."""
     from devft.config import load_config
     from devft.federation.server_app import run_server
 
@@ -148,7 +148,7 @@ def measure(out: Path, threads: int) -> dict[str, Any]:
     data = cm._write_data(out / "long-records.jsonl")
     floors = [cm._run_child_floor("floor") for _ in range(3)]
     cfg = load_config(None, [
-        f"model.path={SMOLLM2}", "model.device=cpu", "model.dtype=fp32", "method=devft",
+        f"model.path={model}", "model.device=cpu", "model.dtype=fp32", "method=devft",
         f"data.name={data}", "data.eval_examples=2", "data.eval_batch_size=2",
         "federation.num_clients=1", "train.local_steps=2", "train.batch_size=1",
         "data.max_seq_len=64", f"train.threads={threads}", "devft.calibration_examples=2",
@@ -160,7 +160,7 @@ def measure(out: Path, threads: int) -> dict[str, Any]:
     for r in results:
         plan = r["marks"]["plan"]
         peak = r["marks"]["after_train"]["VmHWM"]
-        rows.append({"model": SMOLLM2, "method": "devft", "layers": r["layers"],
+        rows.append({"model": model, "method": "devft", "layers": r["layers"],
                      "batch": r["batch"], "seq": r["seq"], "checkpointing": r["checkpointing"],
                      "quantization": r["quantization"], "floor_bytes": plan["parts"]["floor"],
                      "peak_bytes": peak, "predicted": plan["parts"],
@@ -170,6 +170,27 @@ def measure(out: Path, threads: int) -> dict[str, Any]:
                      "limit": r["limit"], "process_s": r["process_s"]})
     return {"command": " ".join(sys.argv), "threads": threads, "load_average_at_start": load,
             "wall_s": time.perf_counter() - start, "floor_runs_bytes": floors, "rows": rows}
+
+
+def merge_processes(kept: dict[str, Any] | None, measured: dict[str, Any] | None,
+                    model: str) -> dict[str, Any]:
+    """The JSON's `processes`: `measured` (one model's run) replaces that model's rows and
+    run record in `kept` (the last file's), other models' stay; with no `measured`, `kept`
+    re-summarized. A file written before runs were per model has its run record at the top;
+    it is filed under its rows' model."""
+    kept = dict(kept or {})
+    runs = dict(kept.pop("runs", {}))
+    old_rows = kept.pop("rows", [])
+    kept.pop("summary", None)
+    if kept and old_rows:  # the older layout: one run, its record at the top
+        runs.setdefault(old_rows[0]["model"], kept)
+    rows = old_rows
+    if measured is not None:
+        runs[model] = {k: v for k, v in measured.items() if k != "rows"}
+        rows = [r for r in old_rows if r["model"] != model] + measured["rows"]
+    return {"runs": runs, "rows": rows, "summary": summary(rows),
+            "summary_by_model": {m: summary([r for r in rows if r["model"] == m])
+                                 for m in sorted({r["model"] for r in rows})}}
 
 
 def summary(rows: list[dict]) -> dict[str, Any]:
@@ -235,6 +256,9 @@ def main() -> None:
     parser.add_argument("--fit", action="store_true", help="print the overhead fit and exit")
     parser.add_argument("--no-processes", action="store_true",
                         help="only the saved rows (no new client processes)")
+    parser.add_argument("--model", default=SMOLLM2, choices=(SMOLLM2, "gemma3-270m"),
+                        help="the bundled model whose client processes are run (rows of other "
+                             "models in --out's JSON are kept)")
     parser.add_argument("--keep-processes", action="store_true",
                         help="keep the process rows of the JSON in --out, run none")
     args = parser.parse_args()
@@ -264,16 +288,16 @@ def main() -> None:
                   "summary_offsite_not_fitted": summary([r for r in rows if not r["in_sample"]]),
                   "rows": rows}}
     path = out / "memory_plan_check.json"
-    if args.keep_processes:  # the processes of the last run, re-summarized
-        report["processes"] = json.loads(path.read_text())["processes"]
-        report["processes"]["summary"] = summary(report["processes"]["rows"])
+    last = json.loads(path.read_text()).get("processes") if path.is_file() else None
+    if args.keep_processes and last:  # the processes of the last runs, re-summarized
+        report["processes"] = merge_processes(last, None, args.model)
     path.write_text(json.dumps(report, indent=2))
     if not (args.no_processes or args.keep_processes):
-        measured = measure(tmp, args.threads)
+        measured = measure(tmp, args.threads, args.model)
         for row in measured["rows"]:
             bound = predict(paths, row, row["floor_bytes"])["bound_ratio"]
             row["bound_ratio"] = bound
-        report["processes"] = {**measured, "summary": summary(measured["rows"])}
+        report["processes"] = merge_processes(last, measured, args.model)
         path.write_text(json.dumps(report, indent=2))
     _plot(report, out / "memory_plan_check.png")
     print(json.dumps({k: v["summary"] for k, v in report.items()
