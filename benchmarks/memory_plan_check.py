@@ -6,11 +6,13 @@ Two sets of rows, one JSON and one plot (docs/bench/memory_plan_check.{json,png}
   (the real ServerApp; each train message replayed in fresh processes, one at a time). A DevFT
   run on SmolLM2-135M trains its four stages, 4, 8 and 15 fused layers and the full 30 layers
   (FedIT's model), and each stage is replayed at batch 1x64 and 4x192, gradient checkpointing
-  off and on, quantization none and nf4 (`VARIANTS`). Inside each process, after its data is
-  loaded and before its stage is built, the planner reads its floor (`client_floor_bytes`)
-  and predicts the peak (`planner_for(...).predict`), as a budgeted client does; the process's
-  VmHWM after the round is the measured peak. Out of sample: the planner's constants were
-  fitted on the saved rows below, not on these.
+  off and on, quantization none and nf4 (`VARIANTS`); `--model gemma3-270m` does the same
+  for Gemma 3 270M, and `--variants dtypes` replays int8 weights and a bf16 base
+  (`DTYPE_VARIANTS`). Each run's rows replace only that run's in the JSON. Inside each
+  process, after its data is loaded and before its stage is built, the planner reads its
+  floor (`client_floor_bytes`) and predicts the peak (`planner_for(...).predict`), as a
+  budgeted client does; the process's VmHWM after the round is the measured peak. Out of
+  sample: the planner's constants were fitted on the saved rows below, not on these.
 - `saved`: every stage-client row of docs/bench/client_memory.json and quantized_memory.json
   (SmolLM2-135M and Gemma 3 270M), predicted with its file's floor: in sample, the overhead
   constants were fitted on them (`--fit` prints that fit).
@@ -48,6 +50,10 @@ TARGET = (0.95, 1.15)
 VARIANTS = ((1, 64, False, "none"), (1, 64, True, "nf4"), (4, 192, False, "none"),
             (4, 192, True, "none"), (4, 192, False, "nf4"), (4, 192, True, "nf4"))
 """(batch, seq, checkpointing, quantization) replayed at every stage; the first is served."""
+DTYPE_VARIANTS = ((1, 64, False, "int8", "fp32"), (4, 192, False, "int8", "fp32"),
+                  (1, 64, False, "none", "bf16"), (4, 192, False, "none", "bf16"))
+"""`--variants dtypes`: the same with `model.dtype` too, for int8 weights and a bf16 base."""
+VARIANT_SETS = {"main": tuple(v + ("fp32",) for v in VARIANTS), "dtypes": DTYPE_VARIANTS}
 GEMMA3_270M = {
     "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
     "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
@@ -95,7 +101,8 @@ def _planner(paths: dict[str, str], row: dict, fraction: float):
     from devft.config import LoraSettings, ModelConfig
     from devft.models.memory_plan import planner_for
 
-    return planner_for(ModelConfig(path=paths[row["model"]], dtype="fp32", device="cpu"),
+    dtype = row.get("dtype", "fp32")
+    return planner_for(ModelConfig(path=paths[row["model"]], dtype=dtype, device="cpu"),
                        LoraSettings(), row["batch"], row["seq"], "fp32", fraction)
 
 
@@ -131,17 +138,20 @@ def fit_overhead(paths: dict[str, str], rows: list[dict]) -> dict[str, Any]:
             "rows": len(rows)}
 
 
-def measure(out: Path, threads: int, model: str = SMOLLM2) -> dict[str, Any]:
+def measure(out: Path, threads: int, model: str = SMOLLM2,
+            variant_set: str = "main") -> dict[str, Any]:
     """A DevFT run on `model` (a bundled name) whose every train message is replayed in fresh
-    processes at each of VARIANTS, each process predicting its own peak (module docstring)."""
+    processes at each of VARIANT_SETS[variant_set], each process predicting its own peak
+    (module docstring)."""
     from devft.config import load_config
     from devft.federation.server_app import run_server
 
     def variants(legacy: bool) -> list[dict[str, Any]]:
         return [{"batch": b, "seq": s, "checkpointing": ckpt, "legacy": False,
-                 "release_memory": True, "quantization": q,
-                 "overrides": {"model.quantization": q}, "spec": {"plan": DATA_FRACTION}}
-                for b, s, ckpt, q in VARIANTS]
+                 "release_memory": True, "quantization": q, "dtype": dtype,
+                 "overrides": {"model.quantization": q, "model.dtype": dtype},
+                 "spec": {"plan": DATA_FRACTION}}
+                for b, s, ckpt, q, dtype in VARIANT_SETS[variant_set]]
 
     cm._variants = variants
     start, load = time.perf_counter(), os.getloadavg()
@@ -162,7 +172,8 @@ def measure(out: Path, threads: int, model: str = SMOLLM2) -> dict[str, Any]:
         peak = r["marks"]["after_train"]["VmHWM"]
         rows.append({"model": model, "method": "devft", "layers": r["layers"],
                      "batch": r["batch"], "seq": r["seq"], "checkpointing": r["checkpointing"],
-                     "quantization": r["quantization"], "floor_bytes": plan["parts"]["floor"],
+                     "quantization": r["quantization"], "dtype": r["dtype"],
+                     "floor_bytes": plan["parts"]["floor"],
                      "peak_bytes": peak, "predicted": plan["parts"],
                      "ratio": plan["parts"]["total"] / peak, "plan_s": plan["plan_s"],
                      "hwm_after_plan_bytes": plan["after_plan"]["VmHWM"],
@@ -172,25 +183,32 @@ def measure(out: Path, threads: int, model: str = SMOLLM2) -> dict[str, Any]:
             "wall_s": time.perf_counter() - start, "floor_runs_bytes": floors, "rows": rows}
 
 
+def run_key(model: str, variant_set: str) -> str:
+    """A process run's name in the JSON: the model, with any variant set but `main`."""
+    return model if variant_set == "main" else f"{model}:{variant_set}"
+
+
 def merge_processes(kept: dict[str, Any] | None, measured: dict[str, Any] | None,
-                    model: str) -> dict[str, Any]:
-    """The JSON's `processes`: `measured` (one model's run) replaces that model's rows and
-    run record in `kept` (the last file's), other models' stay; with no `measured`, `kept`
-    re-summarized. A file written before runs were per model has its run record at the top;
-    it is filed under its rows' model."""
+                    key: str) -> dict[str, Any]:
+    """The JSON's `processes`: `measured` (one run, `run_key`) replaces that run's rows and
+    record in `kept` (the last file's), other runs' stay; with no `measured`, `kept`
+    re-summarized. A row without a `run` is its model's main run's; a file written before
+    runs were kept apart has its one run's record at the top, filed under its rows' model."""
     kept = dict(kept or {})
     runs = dict(kept.pop("runs", {}))
     old_rows = kept.pop("rows", [])
-    kept.pop("summary", None)
+    for stale in ("summary", "summary_by_run", "summary_by_model"):
+        kept.pop(stale, None)
     if kept and old_rows:  # the older layout: one run, its record at the top
         runs.setdefault(old_rows[0]["model"], kept)
-    rows = old_rows
+    rows = [{**r, "run": r.get("run", r["model"])} for r in old_rows]
     if measured is not None:
-        runs[model] = {k: v for k, v in measured.items() if k != "rows"}
-        rows = [r for r in old_rows if r["model"] != model] + measured["rows"]
+        runs[key] = {k: v for k, v in measured.items() if k != "rows"}
+        rows = [r for r in rows if r["run"] != key] + [{**r, "run": key}
+                                                        for r in measured["rows"]]
     return {"runs": runs, "rows": rows, "summary": summary(rows),
-            "summary_by_model": {m: summary([r for r in rows if r["model"] == m])
-                                 for m in sorted({r["model"] for r in rows})}}
+            "summary_by_run": {k: summary([r for r in rows if r["run"] == k])
+                               for k in sorted({r["run"] for r in rows})}}
 
 
 def summary(rows: list[dict]) -> dict[str, Any]:
@@ -255,12 +273,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fit", action="store_true", help="print the overhead fit and exit")
     parser.add_argument("--no-processes", action="store_true",
-                        help="only the saved rows (no new client processes)")
+                        help="run no client processes: re-predict the saved rows, and keep "
+                             "the process rows already in --out's JSON")
     parser.add_argument("--model", default=SMOLLM2, choices=(SMOLLM2, "gemma3-270m"),
                         help="the bundled model whose client processes are run (rows of other "
-                             "models in --out's JSON are kept)")
-    parser.add_argument("--keep-processes", action="store_true",
-                        help="keep the process rows of the JSON in --out, run none")
+                             "runs in --out's JSON are kept)")
+    parser.add_argument("--variants", default="main", choices=tuple(VARIANT_SETS),
+                        help="main: fp32 and nf4 (24 processes); dtypes: int8 and a bf16 "
+                             "base (16)")
     args = parser.parse_args()
     import torch
 
@@ -289,15 +309,16 @@ def main() -> None:
                   "rows": rows}}
     path = out / "memory_plan_check.json"
     last = json.loads(path.read_text()).get("processes") if path.is_file() else None
-    if args.keep_processes and last:  # the processes of the last runs, re-summarized
-        report["processes"] = merge_processes(last, None, args.model)
+    if last:  # the processes of the last runs, re-summarized: kept if this run fails
+        report["processes"] = merge_processes(last, None, "")
     path.write_text(json.dumps(report, indent=2))
-    if not (args.no_processes or args.keep_processes):
-        measured = measure(tmp, args.threads, args.model)
+    if not args.no_processes:
+        measured = measure(tmp, args.threads, args.model, args.variants)
         for row in measured["rows"]:
             bound = predict(paths, row, row["floor_bytes"])["bound_ratio"]
             row["bound_ratio"] = bound
-        report["processes"] = merge_processes(last, measured, args.model)
+        report["processes"] = merge_processes(last, measured,
+                                              run_key(args.model, args.variants))
         path.write_text(json.dumps(report, indent=2))
     _plot(report, out / "memory_plan_check.png")
     print(json.dumps({k: v["summary"] for k, v in report.items()

@@ -13,20 +13,24 @@ def _row(model: str, ratio: float) -> dict:
     return {"model": model, "ratio": ratio}
 
 
-def test_a_models_new_run_replaces_only_its_own_rows_and_an_older_file_is_filed_by_model():
+def test_a_new_run_replaces_only_its_own_rows_and_an_older_file_is_filed_by_model():
     older = {"command": "smol run", "wall_s": 10.0, "rows": [_row("smol", 1.02), _row("smol", 1.2)],
              "summary": {"rows": 2}}  # the layout before runs were per model
     merged = mpc.merge_processes(older, {"command": "gemma run", "rows": [_row("gemma", 0.9)]},
                                  "gemma")
     assert merged["runs"] == {"smol": {"command": "smol run", "wall_s": 10.0},
                               "gemma": {"command": "gemma run"}}
-    assert [r["model"] for r in merged["rows"]] == ["smol", "smol", "gemma"]
+    assert [r["run"] for r in merged["rows"]] == ["smol", "smol", "gemma"]
     assert merged["summary"]["rows"] == 3 and merged["summary"]["below_0.95"] == 1
-    assert merged["summary_by_model"]["smol"]["above_1.15"] == 1
+    assert merged["summary_by_run"]["smol"]["above_1.15"] == 1
+    dtypes = mpc.run_key("smol", "dtypes")
+    assert dtypes == "smol:dtypes" and mpc.run_key("smol", "main") == "smol"
+    merged = mpc.merge_processes(merged, {"command": "int8", "rows": [_row("smol", 1.1)]}, dtypes)
     again = mpc.merge_processes(merged, {"command": "smol again", "rows": [_row("smol", 1.0)]},
                                 "smol")
-    assert [r["ratio"] for r in again["rows"]] == [0.9, 1.0]  # smol's two rows replaced
+    assert [r["ratio"] for r in again["rows"]] == [0.9, 1.1, 1.0]  # smol's main rows replaced
     assert again["runs"]["smol"] == {"command": "smol again"}
     assert again["runs"]["gemma"] == {"command": "gemma run"}
-    kept = mpc.merge_processes(again, None, "gemma")  # --keep-processes: re-summarized only
+    assert again["runs"][dtypes] == {"command": "int8"}
+    kept = mpc.merge_processes(again, None, "")  # --no-processes: re-summarized only
     assert kept["rows"] == again["rows"] and kept["runs"] == again["runs"]
