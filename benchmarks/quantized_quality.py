@@ -21,7 +21,9 @@ evaluated on both bases, on the rows the run evaluated on (`devft eval`'s held-o
 the nf4 run's last round R, its raw gap to fp32 splits into **from the base at inference**
 (the nf4 adapter on the nf4 base − the same adapter on the fp32 base) and **from training**
 (the nf4 adapter on the fp32 base − the fp32 run at round R). The fp32 adapter (its own last
-round) on the nf4 base says what an fp32-trained adapter loses on a 4-bit device. The losses
+round) on the nf4 base says what an fp32-trained adapter loses on a 4-bit device. Each
+adapter on its own base repeats its run's last reading (`*_eval_minus_run`, 0 when the
+re-evaluation matches the run's record, as the split needs). The losses
 are cached in quantized_cross_base.json with the adapter's SHA-256, so a later report
 without `--cross-base`, or from a clean checkout that keeps no weights, still shows them.
 
@@ -188,6 +190,12 @@ def cross_base(runs: tuple[Path, Path], records: tuple[list[Record], list[Record
         "fp32_adapter_round": (fp32_on_fp32 or fp32_on_nf4 or {}).get("round"),
         "fp32_adapter_on_fp32": value(fp32_on_fp32), "fp32_adapter_on_nf4": value(fp32_on_nf4),
     }
+    # same-base evaluations repeat the runs' own last readings: their difference checks that
+    # the re-evaluation and the run's recorded losses, mixed in gap_from_training, agree
+    if on_nf4 is not None:
+        entry["nf4_eval_minus_run"] = on_nf4 - records[1][-1]["eval_loss"]
+    if entry["fp32_adapter_on_fp32"] is not None:
+        entry["fp32_eval_minus_run"] = entry["fp32_adapter_on_fp32"] - records[0][-1]["eval_loss"]
     if on_nf4 is not None and on_fp32 is not None:
         entry["gap_from_base"] = on_nf4 - on_fp32
         if fp32_then is not None:

@@ -106,6 +106,8 @@ def test_a_finished_pairs_gap_splits_into_base_and_training_and_losses_are_cache
     assert split["round"] == 3 and split["fp32_run_at_round"] == pytest.approx(1.8)
     assert split["gap_from_base"] == pytest.approx(0.10)  # 1.95 - 1.85
     assert split["gap_from_training"] == pytest.approx(0.05)  # 1.85 - 1.8
+    assert split["nf4_eval_minus_run"] == pytest.approx(0.0)  # planted as the runs' last
+    assert split["fp32_eval_minus_run"] == pytest.approx(0.0)
     assert split["fp32_adapter_round"] == 4 and split["fp32_adapter_on_nf4"] == pytest.approx(1.75)
     assert len(calls) == 4
     again = qq.cross_base(runs, records, cache, compute=True, loss=loss)
