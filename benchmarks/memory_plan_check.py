@@ -51,6 +51,7 @@ VARIANTS = ((1, 64, False, "none"), (1, 64, True, "nf4"), (4, 192, False, "none"
             (4, 192, True, "none"), (4, 192, False, "nf4"), (4, 192, True, "nf4"))
 """(batch, seq, checkpointing, quantization) replayed at every stage; the first is served."""
 DTYPE_VARIANTS = ((1, 64, False, "int8", "fp32"), (4, 192, False, "int8", "fp32"),
+                  (4, 192, True, "int8", "fp32"),
                   (1, 64, False, "none", "bf16"), (4, 192, False, "none", "bf16"))
 """`--variants dtypes`: the same with `model.dtype` too, for int8 weights and a bf16 base."""
 VARIANT_SETS = {"main": tuple(v + ("fp32",) for v in VARIANTS), "dtypes": DTYPE_VARIANTS}

@@ -23,7 +23,7 @@ from devft.models.memory_plan import (
     planner_for,
     quantized_weight_bytes,
 )
-from devft.models.memory_probes import probe_batch, saved_tensor_peak
+from devft.models.memory_probes import context_held, probe_batch, saved_tensor_peak
 from devft.models.quantize import quantize_weight, tensor_bytes_by_dtype
 from devft.models.stage_builder import base_layout, build_stage
 from devft.training.accounting import rss_bytes
@@ -114,6 +114,48 @@ def test_probe_activations_match_the_counter_on_the_real_stage(model_dir, quanti
     counted = saved_tensor_peak(peft, probe_batch(batch, seq, 258, 0.5)).peak
     predicted = planner.activations(layers, quantization, checkpointing)
     assert predicted == pytest.approx(counted, rel=0.03)
+
+
+class _KeepOnContext(torch.autograd.Function):
+    """Identity whose context keeps a copy of its input, outside save_for_backward (as
+    bitsandbytes' int8 CPU matmul keeps its input)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.kept = (x.detach().clone(), None)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_context_held_finds_tensors_kept_on_a_context():
+    leaf = torch.randn(4, 8, requires_grad=True)
+    out = _KeepOnContext.apply(leaf * 2.0).sum()
+    (kept, _), = [n.kept for n in [out.grad_fn.next_functions[0][0]]]
+    held = context_held(out, set())
+    assert held == {kept.untyped_storage().data_ptr(): 4 * 8 * 4}
+    assert context_held(out, {kept.untyped_storage().data_ptr()}) == {}
+
+
+def test_saved_tensor_peak_counts_what_a_context_keeps(model_dir):
+    """A hook that keeps every MLP's output on a context raises the counted peak by those
+    outputs' bytes (the peak is at the end of the forward pass)."""
+    batch, seq = 2, 48
+    peft = _stage(model_dir, DEPTH, "none", LoraSettings())
+    inputs = probe_batch(batch, seq, 258, 0.5)
+    base = saved_tensor_peak(peft, inputs).peak
+    mlps = [m for n, m in peft.named_modules() if n.endswith(".mlp")]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: _KeepOnContext.apply(out))
+             for m in mlps]
+    try:
+        kept = saved_tensor_peak(peft, inputs).peak
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(mlps) == DEPTH
+    assert kept - base == DEPTH * batch * seq * 64 * 4
 
 
 def test_deepest_fit_boundaries(model_dir):

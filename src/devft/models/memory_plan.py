@@ -11,9 +11,9 @@ A client's peak is the sum of five parts (`PeakParts`), in bytes:
   layers' linear weights as bitsandbytes packs them (packed bytes + statistics).
 - **lora_state**: 4 fp32 copies of the LoRA parameters of d layers (parameter, gradient and
   AdamW's two moments).
-- **activations**: the peak of the tensors autograd saves for backward, measured on tiny probe
-  models of the same config (`devft.models.memory_probes`) and extrapolated to d layers and
-  the real vocabulary.
+- **activations**: the peak of the tensors autograd saves for backward (and of those custom
+  autograd Functions keep on their contexts), measured on tiny probe models of the same config
+  (`devft.models.memory_probes`) and extrapolated to d layers and the real vocabulary.
 - **overhead**: what the saved tensors miss, three fitted terms:
   `LOGITS_IN_FLIGHT` x the fp32 logits (response tokens x vocabulary x 4 bytes: the logits
   and their gradients alive beside the saved ones), `LAYER_OVERHEAD` x d x one decoder

@@ -2,7 +2,8 @@
 
 `saved_tensor_peak` runs one training step (forward + backward of `response_loss`) under a
 saved-tensors hook and reports the peak bytes of the distinct storages autograd holds for
-backward (parameters excluded) and the largest of them. It is the counter of
+backward (parameters excluded, tensors custom Functions keep on their contexts included:
+`context_held`) and the largest of them. It is the counter of
 `benchmarks/client_memory_process.py` (the "limit from tensors"), kept here once.
 
 `probe_activations` predicts that peak for a d-layer stage of a real model without building
@@ -75,10 +76,36 @@ def saved_tensor_peak(model: nn.Module, batch: dict[str, torch.Tensor],
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, n = response_loss(model, batch, precision)
+        held = context_held(loss, params | set(sizes))
+        peak[0] = max(peak[0], sum(sizes.values()) + sum(held.values()))
+        peak[1] = max([peak[1], *held.values()])
         (loss / max(n, 1)).backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return SavedPeak(peak[0], peak[1])
+
+
+def context_held(root: torch.Tensor, skip: set[int]) -> dict[int, int]:
+    """{storage: bytes} of the tensors that custom autograd Functions in `root`'s graph keep as
+    attributes of their context (`ctx.x = tensor`, not `save_for_backward`), except storages
+    in `skip`: saved-tensor hooks never see them, and they live until the graph is freed.
+    (bitsandbytes 0.50.2's int8 CPU training matmul keeps its input so.)"""
+    held: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():  # C++ nodes have none
+            for t in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in skip:
+                        held[ptr] = t.untyped_storage().nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    return held
 
 
 def response_tokens(seq: int, response_fraction: float) -> int:

@@ -115,6 +115,61 @@ def weight_from_parts(parts: Mapping[str, torch.Tensor], name: str, quantization
                              SCB=scales)
 
 
+def _dequantized_int8(state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A new `dtype` copy of an int8 weight, as bitsandbytes' CPU training path computes it."""
+    return state.CB.to(dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+
+class _Int8DequantMatmul(torch.autograd.Function):
+    """bitsandbytes' CPU training matmul (MatMul8bitFp: dequantize, then F.linear), without
+    keeping the input: MatMul8bitFp stores it on its context (outside save_for_backward), so
+    every int8 linear holds its input until the whole graph is freed, although a frozen
+    weight's backward never reads it. The same arithmetic in both directions, to the bit."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, state: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = _dequantized_int8(state, x.dtype)
+        ctx.state, ctx.dtype_x, ctx.shape_x = state, x.dtype, x.shape
+        ctx.dtype_bias = None if bias is None else bias.dtype
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        need_x, _, need_bias = ctx.needs_input_grad
+        grad_bias = grad_out.sum(0, dtype=ctx.dtype_bias) if need_bias else None
+        grad_x = None
+        if need_x:
+            if grad_out.dim() == 3:
+                grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+            weight = _dequantized_int8(ctx.state, ctx.dtype_x)
+            grad_x = torch.matmul(grad_out.to(ctx.dtype_x), weight).view(ctx.shape_x)
+        return grad_x, None, grad_bias
+
+
+@functools.lru_cache(maxsize=1)
+def _int8_linear() -> type:
+    """bitsandbytes' Linear8bitLt, training on CPU through `_Int8DequantMatmul` (made on first
+    use: bitsandbytes is imported only where int8 is asked for). Elsewhere (evaluation, CUDA)
+    it computes as bitsandbytes does."""
+    bnb = _bnb()
+
+    class Int8Linear(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not (self.training and x.device.type in ("cpu", "xpu")):
+                return super().forward(x)
+            self.state.is_training = True  # Linear8bitLt.forward's steps, around the matmul
+            if self.weight.CB is not None:
+                self.init_8bit_state()
+            if self.bias is not None and self.bias.dtype != x.dtype:
+                self.bias.data = self.bias.data.to(x.dtype)
+            out = _Int8DequantMatmul.apply(x, self.state, self.bias)
+            if not self.state.has_fp16_weights and self.state.CB is not None:
+                self.weight.data = self.state.CB
+            return out
+
+    return Int8Linear
+
+
 def quantized_linear(module: nn.Module, weight: nn.Parameter, quantization: str,
                      compute_dtype: torch.dtype) -> nn.Module:
     """A bitsandbytes linear that replaces `module` (its bias left on the meta device for the
@@ -129,8 +184,8 @@ def quantized_linear(module: nn.Module, weight: nn.Parameter, quantization: str,
         new = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
                                 quant_type="nf4", device="meta")
     else:
-        new = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False,
-                                  device="meta")
+        new = _int8_linear()(in_features, out_features, bias=bias, has_fp16_weights=False,
+                             device="meta")
     new.weight = weight
     # bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPUs at its first no-grad eval
     # forward, after which training would backprop through a kernel without autograd, and eval
