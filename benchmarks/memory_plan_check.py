@@ -193,16 +193,10 @@ def merge_processes(kept: dict[str, Any] | None, measured: dict[str, Any] | None
                     key: str) -> dict[str, Any]:
     """The JSON's `processes`: `measured` (one run, `run_key`) replaces that run's rows and
     record in `kept` (the last file's), other runs' stay; with no `measured`, `kept`
-    re-summarized. A row without a `run` is its model's main run's; a file written before
-    runs were kept apart has its one run's record at the top, filed under its rows' model."""
-    kept = dict(kept or {})
-    runs = dict(kept.pop("runs", {}))
-    old_rows = kept.pop("rows", [])
-    for stale in ("summary", "summary_by_run", "summary_by_model"):
-        kept.pop(stale, None)
-    if kept and old_rows:  # the older layout: one run, its record at the top
-        runs.setdefault(old_rows[0]["model"], kept)
-    rows = [{**r, "run": r.get("run", r["model"])} for r in old_rows]
+    re-summarized."""
+    kept = kept or {}
+    runs = dict(kept.get("runs", {}))
+    rows = list(kept.get("rows", []))
     if measured is not None:
         runs[key] = {k: v for k, v in measured.items() if k != "rows"}
         rows = [r for r in rows if r["run"] != key] + [{**r, "run": key}

@@ -9,15 +9,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_plan_check as mpc  # noqa: E402
 
 
-def _row(model: str, ratio: float) -> dict:
-    return {"model": model, "ratio": ratio}
+def _row(model: str, ratio: float, run: str) -> dict:
+    return {"model": model, "ratio": ratio, "run": run}
 
 
-def test_a_new_run_replaces_only_its_own_rows_and_an_older_file_is_filed_by_model():
-    older = {"command": "smol run", "wall_s": 10.0, "rows": [_row("smol", 1.02), _row("smol", 1.2)],
-             "summary": {"rows": 2}}  # the layout before runs were per model
-    merged = mpc.merge_processes(older, {"command": "gemma run", "rows": [_row("gemma", 0.9)]},
-                                 "gemma")
+def test_a_new_run_replaces_only_its_own_rows():
+    merged = mpc.merge_processes(None, {"command": "smol run", "wall_s": 10.0,
+                                        "rows": [_row("smol", 1.02, "smol"),
+                                                 _row("smol", 1.2, "smol")]}, "smol")
+    merged = mpc.merge_processes(merged, {"command": "gemma run",
+                                          "rows": [_row("gemma", 0.9, "gemma")]}, "gemma")
     assert merged["runs"] == {"smol": {"command": "smol run", "wall_s": 10.0},
                               "gemma": {"command": "gemma run"}}
     assert [r["run"] for r in merged["rows"]] == ["smol", "smol", "gemma"]
@@ -25,9 +26,10 @@ def test_a_new_run_replaces_only_its_own_rows_and_an_older_file_is_filed_by_mode
     assert merged["summary_by_run"]["smol"]["above_1.15"] == 1
     dtypes = mpc.run_key("smol", "dtypes")
     assert dtypes == "smol:dtypes" and mpc.run_key("smol", "main") == "smol"
-    merged = mpc.merge_processes(merged, {"command": "int8", "rows": [_row("smol", 1.1)]}, dtypes)
-    again = mpc.merge_processes(merged, {"command": "smol again", "rows": [_row("smol", 1.0)]},
-                                "smol")
+    merged = mpc.merge_processes(merged, {"command": "int8", "rows": [_row("smol", 1.1, "x")]},
+                                 dtypes)
+    again = mpc.merge_processes(merged, {"command": "smol again",
+                                         "rows": [_row("smol", 1.0, "x")]}, "smol")
     assert [r["ratio"] for r in again["rows"]] == [0.9, 1.1, 1.0]  # smol's main rows replaced
     assert again["runs"]["smol"] == {"command": "smol again"}
     assert again["runs"]["gemma"] == {"command": "gemma run"}
