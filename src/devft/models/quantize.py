@@ -115,57 +115,43 @@ def weight_from_parts(parts: Mapping[str, torch.Tensor], name: str, quantization
                              SCB=scales)
 
 
-def _dequantized_int8(state: Any, dtype: torch.dtype) -> torch.Tensor:
-    """A new `dtype` copy of an int8 weight, as bitsandbytes' CPU training path computes it."""
-    return state.CB.to(dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
-
-
-class _Int8DequantMatmul(torch.autograd.Function):
-    """bitsandbytes' CPU training matmul (MatMul8bitFp: dequantize, then F.linear), without
-    keeping the input: MatMul8bitFp stores it on its context (outside save_for_backward), so
-    every int8 linear holds its input until the whole graph is freed, although a frozen
-    weight's backward never reads it. The same arithmetic in both directions, to the bit."""
+class _FrozenInt8Matmul(torch.autograd.Function):
+    """An int8 linear with a frozen weight: bitsandbytes' own forward, and its own input
+    gradient (the input-gradient formula of both its MatMul8bitFp and MatMul8bitLt), but
+    nothing kept on the context. Both bitsandbytes functions keep their input there (outside
+    save_for_backward), so every int8 linear held its input until the whole graph was freed,
+    although a frozen weight's backward never reads it."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, state: Any, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = _dequantized_int8(state, x.dtype)
-        ctx.state, ctx.dtype_x, ctx.shape_x = state, x.dtype, x.shape
-        ctx.dtype_bias = None if bias is None else bias.dtype
-        return torch.nn.functional.linear(x, weight, bias)
+    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        out = _bnb().nn.Linear8bitLt.forward(layer, x)  # grad mode is off here: no graph
+        ctx.state, ctx.dtype_x, ctx.shape_x = layer.state, x.dtype, x.shape
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        need_x, _, need_bias = ctx.needs_input_grad
-        grad_bias = grad_out.sum(0, dtype=ctx.dtype_bias) if need_bias else None
-        grad_x = None
-        if need_x:
-            if grad_out.dim() == 3:
-                grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-            weight = _dequantized_int8(ctx.state, ctx.dtype_x)
-            grad_x = torch.matmul(grad_out.to(ctx.dtype_x), weight).view(ctx.shape_x)
-        return grad_x, None, grad_bias
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        if grad_out.dim() == 3:
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        state = ctx.state
+        weight = state.CB.to(ctx.dtype_x, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+        return torch.matmul(grad_out.to(ctx.dtype_x), weight).view(ctx.shape_x), None
 
 
 @functools.lru_cache(maxsize=1)
 def _int8_linear() -> type:
-    """bitsandbytes' Linear8bitLt, training on CPU through `_Int8DequantMatmul` (made on first
-    use: bitsandbytes is imported only where int8 is asked for). Elsewhere (evaluation, CUDA)
-    it computes as bitsandbytes does."""
+    """bitsandbytes' Linear8bitLt, training through `_FrozenInt8Matmul` while its weight and
+    bias are frozen (made on first use: bitsandbytes is imported only where int8 is asked for)."""
     bnb = _bnb()
 
     class Int8Linear(bnb.nn.Linear8bitLt):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if not (self.training and x.device.type in ("cpu", "xpu")):
-                return super().forward(x)
-            self.state.is_training = True  # Linear8bitLt.forward's steps, around the matmul
-            if self.weight.CB is not None:
-                self.init_8bit_state()
-            if self.bias is not None and self.bias.dtype != x.dtype:
-                self.bias.data = self.bias.data.to(x.dtype)
-            out = _Int8DequantMatmul.apply(x, self.state, self.bias)
-            if not self.state.has_fp16_weights and self.state.CB is not None:
-                self.weight.data = self.state.CB
-            return out
+            frozen = not self.weight.requires_grad and (
+                self.bias is None or not self.bias.requires_grad)
+            if self.training and frozen and torch.is_grad_enabled():
+                return _FrozenInt8Matmul.apply(x, self)
+            return super().forward(x)
 
     return Int8Linear
 
