@@ -7,10 +7,10 @@ Two sets of rows, one JSON and one plot (docs/bench/memory_plan_check.{json,png}
   run on SmolLM2-135M trains its four stages, 4, 8 and 15 fused layers and the full 30 layers
   (FedIT's model), and each stage is replayed at batch 1x64 and 4x192, gradient checkpointing
   off and on, quantization none and nf4 (`VARIANTS`); `--model gemma3-270m` does the same
-  for Gemma 3 270M, and `--variants dtypes` replays int8 weights and a bf16 base
-  (`DTYPE_VARIANTS`). Each run's rows replace only that run's in the JSON. Inside each
-  process, after its data is loaded and before its stage is built, the planner reads its
-  floor (`client_floor_bytes`) and predicts the peak (`planner_for(...).predict`), as a
+  for Gemma 3 270M, and `--variants dtypes` replays int8 weights (checkpointing off and on)
+  and a bf16 base (`DTYPE_VARIANTS`). Each run's rows replace only that run's in the JSON.
+  Inside each process, after its data is loaded and before its stage is built, the planner
+  reads its floor (`client_floor_bytes`) and predicts the peak (`planner_for(...).predict`), as a
   budgeted client does; the process's VmHWM after the round is the measured peak. Out of
   sample: the planner's constants were fitted on the saved rows below, not on these.
 - `saved`: every stage-client row of docs/bench/client_memory.json and quantized_memory.json
@@ -274,8 +274,8 @@ def main() -> None:
                         help="the bundled model whose client processes are run (rows of other "
                              "runs in --out's JSON are kept)")
     parser.add_argument("--variants", default="main", choices=tuple(VARIANT_SETS),
-                        help="main: fp32 and nf4 (24 processes); dtypes: int8 and a bf16 "
-                             "base (16)")
+                        help="main: fp32 and nf4 (24 processes); dtypes: int8 (checkpointing "
+                             "off and on) and a bf16 base (20)")
     args = parser.parse_args()
     import torch
 
